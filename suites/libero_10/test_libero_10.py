@@ -1,0 +1,7 @@
+"""LIBERO-10 (long-horizon): closed-loop success of each checkpoint on each task (one test per task and checkpoint)."""
+SUITE = "libero_10"
+
+
+def test_task(libero_task):
+    result = libero_task.evaluate()
+    assert result.passed, libero_task.describe(result)

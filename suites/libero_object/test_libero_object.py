@@ -1,0 +1,7 @@
+"""LIBERO-Object: closed-loop success of each checkpoint on each task (one test per task and checkpoint)."""
+SUITE = "libero_object"
+
+
+def test_task(libero_task):
+    result = libero_task.evaluate()
+    assert result.passed, libero_task.describe(result)

@@ -1,0 +1,1 @@
+"""Environments: LIBERO tasks (one process per env) and the rendering set-up they need."""

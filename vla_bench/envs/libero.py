@@ -1,0 +1,67 @@
+"""One LIBERO task environment, built once and reused across episodes (reset + set_init_state).
+
+Runs inside an env worker process (vla_bench/envs/vector.py), never in the main process: importing robosuite
+before torchvision makes triton segfault at import in the reference stack, and the policy lives in the main process.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..protocol import WAIT_ACTION, Protocol
+from . import rendering
+from .tasks import init_states, suite_tasks
+
+
+class LiberoTaskEnv:
+    def __init__(self, protocol: Protocol, task_index: int, cameras: tuple[str, ...] = (),
+                 privileged: bool = False):
+        self.backend = rendering.configure()
+        if cameras:
+            rendering.check_available(self.backend)
+        from libero.libero.envs.env_wrapper import ControlEnv  # not exported from libero.libero.envs
+
+        self.protocol = protocol
+        self.task = suite_tasks(protocol.suite)[task_index]
+        self.init_states = init_states(protocol.suite, task_index)
+        self.cameras = tuple(cameras)
+        self.privileged = privileged
+        kwargs = dict(bddl_file_name=self.task.bddl_path, has_renderer=False, hard_reset=False,
+                      has_offscreen_renderer=bool(cameras), use_camera_obs=bool(cameras))
+        if cameras:
+            kwargs.update(camera_names=list(cameras), camera_heights=protocol.camera_size,
+                          camera_widths=protocol.camera_size)
+        self.env = ControlEnv(**kwargs)
+        self.env.seed(protocol.env_seed)
+
+    def reset(self, init_index: int, seed: int) -> dict:
+        """Start the episode on init state `init_index` and step the protocol's wait steps.
+
+        LIBERO re-places fixtures (cabinet, stove) from the global NumPy RNG on every reset, and set_init_state
+        restores only qpos/qvel; seeding NumPy with the episode's seed right before the reset makes the scene a
+        function of (task, init state, seed) alone, whatever ran before in this process.
+        """
+        if not 0 <= init_index < len(self.init_states):
+            raise IndexError(f"{self.task.suite} {self.task.task_id} has {len(self.init_states)} init states, "
+                             f"asked for {init_index}")
+        np.random.seed(seed)
+        self.env.reset()
+        obs = self.env.set_init_state(self.init_states[init_index])
+        for _ in range(self.protocol.wait_steps):  # objects start ~7 cm up and settle during these
+            obs, _, _, _ = self.env.step(list(WAIT_ACTION))
+        return self._observe(obs)
+
+    def step(self, action: np.ndarray) -> tuple[dict, bool]:
+        obs, _reward, done, _info = self.env.step(np.asarray(action, dtype=np.float64).tolist())
+        return self._observe(obs), bool(done)
+
+    def _observe(self, obs: dict) -> dict:
+        if self.privileged:
+            from .scene import describe_scene
+
+            obs["scene"] = describe_scene(self.env)
+        return obs
+
+    def close(self) -> None:
+        env, self.env = self.env, None
+        if env is not None:
+            env.close()

@@ -1,0 +1,33 @@
+"""Headless rendering set-up: pick the MuJoCo GL backend and explain a missing system library.
+
+MuJoCo reads MUJOCO_GL when it is first imported, so `configure()` must run before robosuite/libero imports
+(the env worker calls it first thing).
+"""
+from __future__ import annotations
+
+import ctypes.util
+import os
+
+from ..errors import VlaBenchError
+
+#: backend -> (shared library it loads, Debian package that provides it)
+GL_LIBRARIES = {"egl": ("EGL", "libegl1 (and libgl1; on NVIDIA hosts the driver's libEGL_nvidia)"),
+                "osmesa": ("OSMesa", "libosmesa6")}
+
+
+def configure() -> str:
+    """Set MUJOCO_GL / PYOPENGL_PLATFORM to a headless backend (default egl) and return its name."""
+    backend = os.environ.setdefault("MUJOCO_GL", "egl")
+    if backend in GL_LIBRARIES:
+        os.environ.setdefault("PYOPENGL_PLATFORM", backend)
+    return backend
+
+
+def check_available(backend: str) -> None:
+    """Raise a VlaBenchError naming the system package when the backend's library cannot be found."""
+    if backend not in GL_LIBRARIES:
+        return
+    library, package = GL_LIBRARIES[backend]
+    if ctypes.util.find_library(library) is None:
+        raise VlaBenchError(f"MUJOCO_GL={backend} needs lib{library}, which is not installed: "
+                            f"apt-get install {package}  (or set MUJOCO_GL to another backend: egl, osmesa)")

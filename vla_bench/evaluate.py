@@ -1,0 +1,124 @@
+"""Evaluate one (checkpoint, suite, task): resume from the store, roll out what is missing, commit each episode.
+
+This is the function behind both `pytest suites/libero_*` and the CLI; it knows nothing of pytest. Progress is
+reported through a callback so each front end shows it its own way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .envs.tasks import suite_tasks
+from .envs.vector import VectorLiberoEnv
+from .metrics.intervals import wilson_interval
+from .policies.base import Policy
+from .protocol import Protocol
+from .registry import CheckpointSpec
+from .results import EpisodeRecord, ResultsStore, library_versions
+from .rollout import EpisodeOutcome, rollout_episodes
+from .video import wants_video, video_path, write_video
+
+
+@dataclasses.dataclass
+class TaskResult:
+    checkpoint: str
+    suite: str
+    task_index: int
+    successes: int
+    episodes: int  # measured episodes (errors excluded)
+    errors: int
+    mean_steps: float | None  # of successful episodes
+    wall_s: float  # wall time of this evaluation
+    threshold: float | tuple | None = None
+    resumed: int = 0  # episodes taken from the store instead of re-run
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.episodes if self.episodes else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.successes, self.episodes)
+
+    @property
+    def task_id(self) -> str:
+        return f"task{self.task_index + 1}"
+
+    @property
+    def passed(self) -> bool | None:
+        return meets(self.rate, self.threshold) if self.episodes else None
+
+
+def meets(value: float, threshold: float | tuple | None) -> bool | None:
+    """A figure meets a number threshold when >= it, and a [low, high] threshold when inside it."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, tuple):
+        return threshold[0] <= value <= threshold[1]
+    return value >= threshold
+
+
+def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_index: int,
+              threshold=None, resumed: int = 0, wall_s: float | None = None) -> TaskResult:
+    """The figures of one task; wall_s defaults to the episodes' summed wall time (what a store holds)."""
+    measured = [r for r in records if r.error is None]
+    wins = [r for r in measured if r.success]
+    return TaskResult(checkpoint, suite, task_index, len(wins), len(measured), len(records) - len(measured),
+                      sum(r.steps for r in wins) / len(wins) if wins else None,
+                      sum(r.wall_s for r in records) if wall_s is None else wall_s, threshold, resumed)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    workers: int = dataclasses.field(default_factory=default_workers)
+    video: str = "none"
+    video_dir: Path = Path("videos")
+    device: str = "cpu"
+
+
+def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol: Protocol, task_index: int,
+                  store: ResultsStore, settings: EvalSettings,
+                  progress: Callable[[EpisodeOutcome, int, int], None] | None = None,
+                  threshold=None) -> TaskResult:
+    started = time.perf_counter()
+    task = suite_tasks(protocol.suite)[task_index]
+    key = protocol.key()
+    done = store.finished(identity, protocol.suite, task_index, key)
+    wanted = range(protocol.episodes)
+    todo = [i for i in wanted if i not in done]
+    records = {i: done[i] for i in wanted if i in done}
+    resumed = len(records)
+    if todo:
+        record_frames = settings.video != "none"
+        # cameras cost ~0.2 s per step each on a CPU: render only what the policy or the video needs
+        cameras = tuple(getattr(policy, "cameras", ("agentview",))) if policy.needs_images else ()
+        if record_frames and "agentview" not in cameras:
+            cameras += ("agentview",)
+        versions = library_versions()
+        with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
+                             policy.needs_privileged) as env:
+            def on_done(outcome: EpisodeOutcome) -> None:
+                video = None
+                if outcome.frames and wants_video(settings.video, outcome.success):
+                    label = "error" if outcome.error else ("success" if outcome.success else "failure")
+                    video = str(write_video(video_path(settings.video_dir, spec.name, protocol.suite,
+                                                       task.task_id, outcome.init_index, label), outcome.frames))
+                record = EpisodeRecord(spec.name, identity, protocol.suite, task_index, task.name,
+                                       outcome.init_index, outcome.seed, key, protocol.as_dict(), outcome.success,
+                                       outcome.steps, outcome.error, outcome.wall_s, versions, env.backend,
+                                       settings.device, video)
+                store.add(record)
+                records[outcome.init_index] = record
+                if progress:
+                    progress(outcome, len(records), protocol.episodes)
+
+            rollout_episodes(policy, env, protocol, task_index, task.language, todo, on_done, record_frames)
+    return summarize([records[i] for i in sorted(records)], spec.name, protocol.suite, task_index, threshold,
+                     resumed, wall_s=time.perf_counter() - started)

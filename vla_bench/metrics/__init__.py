@@ -1,0 +1,1 @@
+"""Success statistics: intervals on rates and differences (`intervals`), regression gates (`gate`)."""

@@ -1,0 +1,239 @@
+"""pytest glue: options, parametrization, fixtures, -k task selection, live progress, terminal summary.
+
+No evaluation logic lives here: everything is a call into vla_bench.session / evaluate / report, which the CLI
+uses too. A suite module declares `SUITE = "libero_spatial"` and a test taking the `libero_task` fixture; this
+plugin turns it into one test case per (task, checkpoint) with ids like `task1-expert`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from .errors import VlaBenchError
+from .video import VIDEO_MODES
+
+_TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vla-bench", "vla-bench: robot policy evaluation")
+    group.addoption("--checkpoint", action="append", default=None, metavar="NAME",
+                    help="checkpoints.toml entry to evaluate (repeatable; default: the file's `default`)")
+    group.addoption("--checkpoints-file", default=None, metavar="PATH",
+                    help="checkpoints.toml to use (default: the nearest one in the working directory or above)")
+    group.addoption("--episodes", type=int, default=None, help="episodes per task (protocol default: 50)")
+    group.addoption("--max-steps", type=int, default=None, help="control steps per episode (default: per suite)")
+    group.addoption("--vla-results", default="results/vla-bench.sqlite", metavar="PATH",
+                    help="SQLite results store; finished episodes in it are not re-run")
+    group.addoption("--vla-workers", type=int, default=None, metavar="N",
+                    help="simulator processes per task (default: the CPU count)")
+    group.addoption("--video", choices=VIDEO_MODES, default="none", help="write an mp4 per episode")
+    group.addoption("--video-dir", default="videos", metavar="DIR", help="where videos go (default: videos/)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LiberoCase:
+    suite: str
+    task_index: int
+    checkpoint: str
+
+    @property
+    def id(self) -> str:
+        return f"task{self.task_index + 1}-{self.checkpoint}"
+
+
+class _State:
+    """The plugin's per-session objects, created lazily so that runs without vla-bench tests pay nothing."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self._session = None
+
+    @property
+    def registry(self):
+        from .registry import Registry, default_path
+
+        if not hasattr(self, "_registry"):
+            path = self.config.getoption("--checkpoints-file") or default_path(self.config.invocation_params.dir)
+            self._registry = Registry.load(path)
+        return self._registry
+
+    def checkpoint_names(self) -> list[str]:
+        names = self.config.getoption("--checkpoint") or [self.registry.default]
+        for name in names:
+            self.registry.get(name)  # an unknown name raises an error listing the valid ones
+        return names
+
+    @property
+    def session(self):
+        if self._session is None:
+            from .evaluate import EvalSettings, default_workers
+            from .results import ResultsStore
+            from .session import EvalSession
+
+            opt = self.config.getoption
+            settings = EvalSettings(workers=opt("--vla-workers") or default_workers(), video=opt("--video"),
+                                    video_dir=Path(opt("--video-dir")))
+            store = ResultsStore(Path(opt("--vla-results")))
+            self._session = EvalSession(self.registry, store, settings, opt("--episodes"), opt("--max-steps"))
+        return self._session
+
+
+_STATE = pytest.StashKey[_State]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_STATE] = _State(config)
+
+
+def _usage_error(error: VlaBenchError) -> pytest.UsageError:
+    return pytest.UsageError(str(error))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "libero_task" not in metafunc.fixturenames:
+        return
+    suite = getattr(metafunc.module, "SUITE", None)
+    if suite is None:
+        raise pytest.UsageError(f"{metafunc.module.__file__}: a test using `libero_task` needs SUITE = '<suite>'")
+    state = metafunc.config.stash[_STATE]
+    try:
+        from .envs.tasks import suite_tasks
+
+        names = state.checkpoint_names()
+        cases = [LiberoCase(suite, task.index, name) for task in suite_tasks(suite) for name in names]
+    except VlaBenchError as e:
+        raise _usage_error(e) from None
+    metafunc.parametrize("libero_task", cases, ids=[c.id for c in cases], indirect=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make `-k task1` mean task 1, never task10..task19.
+
+    pytest's -k matches substrings, and no naming scheme keeps "task1" out of "task10" while `-k task10` still
+    works. So when the -k expression names a task word (taskN), this hook evaluates the whole expression itself,
+    with taskN matched exactly against the item's task and every other word matched as pytest does, then clears
+    the option so pytest does not apply its substring rule again. Expressions without a task word are untouched.
+    """
+    expression_text = config.option.keyword.lstrip()
+    if not expression_text or not _TASK_WORD.search(expression_text):
+        return
+    from _pytest.mark import KeywordMatcher  # pytest's own matcher, so the rest of -k behaves exactly as usual
+    from _pytest.mark.expression import Expression
+
+    try:
+        expression = Expression.compile(expression_text)
+    except Exception:
+        return  # let pytest report the malformed expression in its own words
+    if not any(_TASK_WORD.fullmatch(word) for word in expression.idents()):
+        return
+    remaining, deselected = [], []
+    for item in items:
+        default = KeywordMatcher.from_item(item)
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("libero_task")
+        own_task = f"task{case.task_index + 1}" if isinstance(case, LiberoCase) else None
+
+        def matcher(word: str, /, **kwargs) -> bool:
+            if _TASK_WORD.fullmatch(word):
+                return own_task is not None and word.lower() == own_task
+            return default(word, **kwargs)
+
+        (remaining if expression.evaluate(matcher) else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = remaining
+    config.option.keyword = ""
+
+
+class _Progress:
+    """A transient rich progress bar shown while a task's episodes run, outside pytest's output capture."""
+
+    def __init__(self, config: pytest.Config, case: LiberoCase, total: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.capture = config.pluginmanager.getplugin("capturemanager")
+        self.enabled = config.getoption("verbose") >= 0  # -q keeps the screen quiet
+        self.progress = Progress(TextColumn(f"{case.suite} {case.id}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[successes]} successes"), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+                                 transient=True)
+        self.task = self.progress.add_task("episodes", total=total, successes=0)
+        self.successes = 0
+
+    def __enter__(self):
+        if self.enabled:
+            self._suspend = self.capture.global_and_fixture_disabled() if self.capture else None
+            if self._suspend:
+                self._suspend.__enter__()
+            self.progress.start()
+        return self
+
+    def update(self, outcome, done: int, total: int) -> None:
+        self.successes += bool(outcome.success)
+        self.progress.update(self.task, completed=done, successes=self.successes)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.stop()
+            if self._suspend:
+                self._suspend.__exit__(*exc)
+
+
+class LiberoTaskRunner:
+    """What a LIBERO suite test receives: `evaluate()` runs (or resumes) the case and returns its TaskResult."""
+
+    def __init__(self, config: pytest.Config, case: LiberoCase):
+        self.config = config
+        self.case = case
+
+    def evaluate(self):
+        state = self.config.stash[_STATE]
+        session = state.session
+        spec = session.registry.get(self.case.checkpoint)
+        total = session.protocol(self.case.suite).episodes
+        try:
+            with _Progress(self.config, self.case, total) as progress:
+                return session.evaluate(spec, self.case.suite, self.case.task_index, progress.update)
+        except VlaBenchError as e:
+            pytest.fail(str(e), pytrace=False)
+
+    @staticmethod
+    def describe(result) -> str:
+        from .report import format_threshold
+
+        low, high = result.interval
+        return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
+                f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {format_threshold(result.threshold)}"
+                + (f", {result.errors} episode(s) hit simulator errors" if result.errors else ""))
+
+
+@pytest.fixture
+def libero_task(request: pytest.FixtureRequest) -> LiberoTaskRunner:
+    return LiberoTaskRunner(request.config, request.param)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is None or state._session is None or not state._session.results:
+        return
+    from rich.console import Console
+
+    from .report import task_table
+
+    console = Console(file=terminalreporter._tw._file, force_terminal=terminalreporter._tw.hasmarkup,
+                      width=max(terminalreporter._tw.fullwidth, 150))
+    terminalreporter.section("vla-bench")
+    console.print(task_table(state._session.results))
+    terminalreporter.write_line(f"results: {state._session.store.path}  (vla-bench report --results PATH)")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None and state._session is not None:
+        state._session.store.close()

@@ -1,0 +1,29 @@
+"""Policies: the Policy protocol (base.py), the checkpoint kinds (kinds.py) and building one from a registry entry."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from .base import Policy
+from .cache import ModelCache
+from .kinds import family_module
+
+if typing.TYPE_CHECKING:
+    from ..registry import CheckpointSpec, Registry
+
+
+@dataclasses.dataclass
+class BuildContext:
+    registry: "Registry"
+    suite: str  # e.g. "libero_spatial" or "bridge_v2": families pick their pre/post-processing from it
+    cache: ModelCache
+
+
+def build_policy(spec: "CheckpointSpec", context: BuildContext) -> Policy:
+    policy = family_module(spec.kind).build(spec, context)
+    if not isinstance(policy, Policy):
+        raise TypeError(f"kind {spec.kind!r} built {type(policy).__name__}, which is not a Policy")
+    return policy
+
+
+__all__ = ["BuildContext", "ModelCache", "Policy", "build_policy"]

@@ -1,0 +1,28 @@
+"""The Policy protocol: the one seam between models and environments.
+
+A policy is batched over environment *slots*. The rollout engine runs several environments at once; each slot is one
+environment, and a new episode in a slot starts with `reset(slot, seed)`. `act` receives the observations of the slots
+that are still running (in the order of `slots`) and returns one 7-dim action per slot, in the environment's action
+convention (LIBERO: OSC_POSE deltas in [-1, 1], gripper -1 open / +1 close). Model-specific pre- and post-processing
+(image flips, resizing, unnormalization, gripper conventions) happens inside the policy, so the environment side
+never needs to know the model family.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Policy(Protocol):
+    #: camera observations are rendered only when True (rendering costs ~0.2 s/step/camera on a CPU)
+    needs_images: bool
+    #: privileged simulator facts (obs["scene"]: collision geoms, robot base, goal) are added only when True
+    needs_privileged: bool
+
+    def reset(self, slot: int, seed: int) -> None:
+        """A new episode starts in env slot `slot`; `seed` makes any randomness of the policy reproducible."""
+
+    def act(self, observations: Sequence[dict], instructions: Sequence[str], slots: Sequence[int]) -> np.ndarray:
+        """Return a (len(slots), 7) float array of actions for the given slots."""

@@ -1,0 +1,198 @@
+"""checkpoints.toml -> validated CheckpointSpec objects; thresholds; identities; write-back with comments kept.
+
+Layout of checkpoints.toml:
+
+    default = "expert"                       # the entry used when no --checkpoint is given
+
+    [thresholds.libero_spatial]              # suite-wide pass thresholds (success rate per task)
+    default = 0.9
+    task5 = 0.85                             # one task of that suite
+
+    [checkpoints.expert]
+    kind = "scripted"                        # which family: see vla_bench/policies/kinds.py
+    baseline = "expert-main"                 # optional: the stored baseline its gate compares against
+    [checkpoints.expert.thresholds.libero_spatial]
+    default = 0.95                           # overrides the suite-wide threshold for this checkpoint
+
+A threshold is a number (the measured figure must be >= it) or a [low, high] pair (it must lie inside).
+Lookup order for (checkpoint, suite, case): checkpoint's case, checkpoint's suite default, file's case, file's
+suite default, then the library default for that suite (proxy metrics), else an error naming what to add.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomlkit
+
+from .errors import VlaBenchError, choices
+from .policies.kinds import COMMON_KEYS, family_module
+
+Threshold = float | tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    name: str
+    kind: str
+    options: Mapping[str, Any]  # the kind-specific keys, validated by the family module
+    thresholds: Mapping[str, Mapping[str, Any]]
+    baseline: str | None
+    path: Path  # the checkpoints.toml that defines it: relative paths resolve against its folder
+
+    def where(self, key: str | None = None) -> str:
+        """'checkpoints.toml: [checkpoints.NAME] key: ' — the prefix of every error about this entry."""
+        return f"{self.path}: [checkpoints.{self.name}]" + (f" {key}" if key else "") + ": "
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+class Registry:
+    def __init__(self, path: Path, document: tomlkit.TOMLDocument):
+        self.path = path
+        self.document = document
+        self.checkpoints: dict[str, CheckpointSpec] = {}
+        self._parse()
+
+    # ---- loading and validation -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "Registry":
+        path = Path(path) if path is not None else default_path()
+        if not path.is_file():
+            raise VlaBenchError(f"{path}: no such checkpoints file (pass --checkpoints-file or create it)")
+        try:
+            doc = tomlkit.parse(path.read_text())
+        except Exception as e:  # tomlkit's own parse errors carry line and column
+            raise VlaBenchError(f"{path}: not valid TOML: {e}") from None
+        return cls(path.resolve(), doc)
+
+    def _parse(self) -> None:
+        data = self.document.unwrap()
+        unknown = set(data) - {"default", "thresholds", "checkpoints"}
+        if unknown:
+            raise VlaBenchError(f"{self.path}: unknown top-level key(s) {choices(sorted(unknown))}; "
+                                "valid: default, thresholds, checkpoints")
+        entries = data.get("checkpoints", {})
+        if not isinstance(entries, dict) or not entries:
+            raise VlaBenchError(f"{self.path}: no [checkpoints.NAME] entries")
+        self.suite_thresholds = _check_threshold_tables(data.get("thresholds", {}), f"{self.path}: [thresholds]")
+        for name, table in entries.items():
+            self.checkpoints[name] = self._spec(name, table)
+        self.default = data.get("default")
+        if self.default is None:
+            raise VlaBenchError(f"{self.path}: missing top-level key 'default' (the entry used without --checkpoint); "
+                                f"entries: {choices(self.checkpoints)}")
+        if self.default not in self.checkpoints:
+            raise VlaBenchError(f"{self.path}: default = {self.default!r} is not an entry; "
+                                f"entries: {choices(self.checkpoints)}")
+        for spec in self.checkpoints.values():
+            validate = getattr(family_module(spec.kind), "validate", None)
+            if validate:
+                validate(spec, self)
+
+    def _spec(self, name: str, table: Any) -> CheckpointSpec:
+        where = f"{self.path}: [checkpoints.{name}]"
+        if not isinstance(table, dict):
+            raise VlaBenchError(f"{where}: must be a table")
+        if "kind" not in table:
+            raise VlaBenchError(f"{where}: missing key 'kind'")
+        module = family_module(table["kind"], f"{where} kind: ")
+        allowed = {**COMMON_KEYS, **module.KEYS}
+        options = {}
+        for key, value in table.items():
+            if key not in allowed:
+                raise VlaBenchError(f"{where}: unknown key {key!r} for kind {table['kind']!r}; "
+                                    f"valid keys: {choices(sorted(allowed))}")
+            expected = allowed[key]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or (isinstance(value, bool) and expected in (int, float)):
+                names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+                raise VlaBenchError(f"{where} {key}: expected {names}, got {type(value).__name__} {value!r}")
+            if key not in COMMON_KEYS:
+                options[key] = value
+        missing = [k for k in getattr(module, "REQUIRED", ()) if k not in table]
+        if missing:
+            raise VlaBenchError(f"{where}: missing key(s) {choices(missing)} required by kind {table['kind']!r}")
+        thresholds = _check_threshold_tables(table.get("thresholds", {}), f"{where} thresholds")
+        return CheckpointSpec(name=name, kind=table["kind"], options=options, thresholds=thresholds,
+                              baseline=table.get("baseline"), path=self.path)
+
+    # ---- queries ------------------------------------------------------------------------------------------------
+    def get(self, name: str | None) -> CheckpointSpec:
+        name = self.default if name is None else name
+        if name not in self.checkpoints:
+            raise VlaBenchError(f"unknown checkpoint {name!r} in {self.path}; valid: {choices(self.checkpoints)}")
+        return self.checkpoints[name]
+
+    def threshold(self, spec: CheckpointSpec, suite: str, case: str,
+                  library_default: Threshold | None = None) -> Threshold:
+        for table in (spec.thresholds.get(suite, {}), self.suite_thresholds.get(suite, {})):
+            for key in (case, "default"):
+                if key in table:
+                    return _as_threshold(table[key])
+        if library_default is not None:
+            return library_default
+        raise VlaBenchError(f"{self.path}: no threshold for {suite} {case}: add [thresholds.{suite}] default = ... "
+                            f"or [checkpoints.{spec.name}.thresholds.{suite}]")
+
+    def identity(self, spec: CheckpointSpec) -> str:
+        return family_module(spec.kind).identity(spec, self)
+
+    # ---- write-back ---------------------------------------------------------------------------------------------
+    def add_entry(self, name: str, values: Mapping[str, Any], comment: str | None = None,
+                  replace: bool = False) -> CheckpointSpec:
+        """Add (or replace) [checkpoints.NAME] and save the file; comments and order of the rest are kept."""
+        checkpoints = self.document["checkpoints"]
+        if name in checkpoints and not replace:
+            raise VlaBenchError(f"{self.path}: entry [checkpoints.{name}] exists already; choose another name")
+        table = tomlkit.table()
+        if comment:
+            table.comment(comment)
+        for k, v in values.items():
+            table[k] = v
+        checkpoints[name] = table
+        spec = self._spec(name, table.unwrap())
+        self.path.write_text(tomlkit.dumps(self.document))
+        self.checkpoints[name] = spec
+        return spec
+
+
+def default_path(start: Path | None = None) -> Path:
+    """$VLA_BENCH_CHECKPOINTS, else the nearest checkpoints.toml in the working directory or its parents (so
+    `pytest suites/libero_spatial` and `cd suites && pytest` find the same file)."""
+    env = os.environ.get("VLA_BENCH_CHECKPOINTS")
+    if env:
+        return Path(env)
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "checkpoints.toml").is_file():
+            return folder / "checkpoints.toml"
+    raise VlaBenchError(f"no checkpoints.toml in {start} or its parents; pass --checkpoints-file PATH "
+                        "or set VLA_BENCH_CHECKPOINTS")
+
+
+def _as_threshold(value: Any) -> Threshold:
+    if isinstance(value, list):
+        return (float(value[0]), float(value[1]))
+    return float(value)
+
+
+def _check_threshold_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(tables, dict):
+        raise VlaBenchError(f"{where}: must be a table of suites")
+    for suite, table in tables.items():
+        if not isinstance(table, dict):
+            raise VlaBenchError(f"{where}.{suite}: must be a table like {{default = 0.9, task5 = 0.8}}")
+        for case, value in table.items():
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+                isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and value[0] <= value[1])
+            if not ok:
+                raise VlaBenchError(f"{where}.{suite} {case}: a threshold is a number or a [low, high] pair, "
+                                    f"got {value!r}")
+    return tables

@@ -1,0 +1,50 @@
+"""Rich tables of results: the pytest terminal summary and `vla-bench report` print the same table."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from .evaluate import TaskResult, summarize
+from .results import EpisodeRecord
+
+
+def format_threshold(threshold) -> str:
+    if threshold is None:
+        return "-"
+    if isinstance(threshold, tuple):
+        return f"[{threshold[0]:.0%}, {threshold[1]:.0%}]"
+    return f">= {threshold:.0%}"
+
+
+def verdict_text(passed: bool | None) -> str:
+    return {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]-[/]"}[passed]
+
+
+def task_table(results: Iterable[TaskResult], title: str = "vla-bench: closed-loop success") -> Table:
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("suite", "left"), ("task", "left"), ("checkpoint", "left"), ("successes", "right"),
+                            ("rate", "right"), ("95% Wilson", "right"), ("threshold", "right"),
+                            ("verdict", "center"), ("mean steps", "right"), ("errors", "right"),
+                            ("wall", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for r in results:
+        low, high = r.interval
+        table.add_row(r.suite, r.task_id, r.checkpoint, f"{r.successes}/{r.episodes}", f"{r.rate:.1%}",
+                      f"[{low:.1%}, {high:.1%}]", format_threshold(r.threshold), verdict_text(r.passed),
+                      "-" if r.mean_steps is None else f"{r.mean_steps:.1f}", str(r.errors),
+                      f"{r.wall_s:.0f} s" + (f" ({r.resumed} resumed)" if r.resumed else ""))
+    return table
+
+
+def results_from_records(records: list[EpisodeRecord]) -> list[TaskResult]:
+    """Group stored episodes by (checkpoint, identity, suite, task, protocol) into table rows."""
+    groups: dict[tuple, list[EpisodeRecord]] = {}
+    for r in records:
+        groups.setdefault((r.checkpoint, r.identity, r.suite, r.task_index, r.protocol_key), []).append(r)
+    return [summarize(rows, key[0], key[2], key[3]) for key, rows in sorted(groups.items())]
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
+    (console or Console()).print(table)

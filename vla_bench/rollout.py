@@ -1,0 +1,114 @@
+"""The closed-loop episode runner: one batched policy call per control step over every running env slot.
+
+For each episode: the env resets to init state i with the episode's seed and steps the protocol's wait steps;
+then loop { observations of running slots -> policy.act -> env.step } until the env's done flag (success) or
+max_steps control steps (failure). A slot whose episode ends starts the next queued episode at once, so the
+workers stay busy. Each finished episode is handed to `on_done` right away (the caller commits it); `on_done`
+returns True to stop scheduling further episodes (curtailment), and the episodes in flight still finish.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .envs.vector import VectorLiberoEnv
+from .policies.base import Policy
+from .protocol import Protocol
+
+
+@dataclasses.dataclass
+class EpisodeOutcome:
+    init_index: int
+    seed: int
+    success: bool
+    steps: int  # control steps after the wait steps
+    error: str | None
+    wall_s: float
+    frames: list[np.ndarray] | None = None  # upright agentview frames, when recording
+
+
+@dataclasses.dataclass
+class _Running:
+    init_index: int
+    seed: int
+    started: float
+    obs: dict
+    steps: int = 0
+    frames: list | None = None
+
+
+def upright_frame(obs: dict) -> np.ndarray:
+    """LIBERO renders the agentview upside down (OpenGL's origin); a person expects it upright."""
+    return np.ascontiguousarray(obs["agentview_image"][::-1, ::-1])
+
+
+def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, task_index: int, instruction: str,
+                     init_indices: Sequence[int], on_done: Callable[[EpisodeOutcome], bool | None],
+                     record_frames: bool = False) -> None:
+    queue = collections.deque(init_indices)
+    running: dict[int, _Running] = {}
+    stopped = False
+
+    def finish(slot: int, ep: _Running, success: bool, error: str | None = None) -> None:
+        nonlocal stopped
+        outcome = EpisodeOutcome(ep.init_index, ep.seed, success, ep.steps, error, time.perf_counter() - ep.started,
+                                 ep.frames)
+        if on_done(outcome):
+            stopped = True
+
+    def start(slots: Sequence[int]) -> None:
+        slots = list(slots)
+        while slots and queue and not stopped:
+            requests, starts = {}, {}
+            for slot in slots:
+                if not queue:
+                    break
+                init_index = queue.popleft()
+                seed = protocol.episode_seed(task_index, init_index)
+                requests[slot] = (init_index, seed)
+                starts[slot] = time.perf_counter()
+                policy.reset(slot, seed)
+            slots = []
+            for slot, result in env.reset(requests).items():
+                init_index, seed = requests[slot]
+                ep = _Running(init_index, seed, starts[slot], result.obs, frames=[] if record_frames else None)
+                if result.error:  # the episode could not even start: record it, give the slot the next one
+                    finish(slot, ep, False, result.error)
+                    slots.append(slot)
+                    continue
+                if record_frames:
+                    ep.frames.append(upright_frame(result.obs))
+                running[slot] = ep
+
+    start(range(env.n))
+    while running:
+        slots = sorted(running)
+        actions = np.asarray(policy.act([running[s].obs for s in slots], [instruction] * len(slots), slots))
+        if actions.shape != (len(slots), 7):
+            raise ValueError(f"policy.act returned shape {actions.shape}, expected ({len(slots)}, 7)")
+        results = env.step({slot: actions[k] for k, slot in enumerate(slots)})
+        freed = []
+        for slot, result in results.items():
+            ep = running[slot]
+            ep.steps += 1
+            if result.error:
+                finish(slot, ep, False, result.error)
+            elif result.done:
+                finish(slot, ep, True)
+            elif ep.steps >= protocol.max_steps:
+                finish(slot, ep, False)
+            else:
+                ep.obs = result.obs
+                if record_frames:
+                    ep.frames.append(upright_frame(result.obs))
+                continue
+            if record_frames and result.obs is not None:
+                ep.frames.append(upright_frame(result.obs))
+            del running[slot]
+            freed.append(slot)
+        if freed:
+            start(freed)

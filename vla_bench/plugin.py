@@ -18,6 +18,12 @@ from .video import VIDEO_MODES
 _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
 
 
+def pytest_addhooks(pluginmanager) -> None:
+    from . import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vla-bench", "vla-bench: robot policy evaluation")
     group.addoption("--checkpoint", action="append", default=None, metavar="NAME",
@@ -57,6 +63,10 @@ class _State:
         from .registry import Registry, default_path
 
         if not hasattr(self, "_registry"):
+            from .policies.kinds import register_kinds
+
+            for kinds in self.config.hook.vla_bench_checkpoint_kinds():
+                register_kinds(kinds)
             path = self.config.getoption("--checkpoints-file") or default_path(self.config.invocation_params.dir)
             self._registry = Registry.load(path)
         return self._registry

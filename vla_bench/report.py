@@ -47,4 +47,8 @@ def results_from_records(records: list[EpisodeRecord]) -> list[TaskResult]:
 
 
 def print_table(table: Table, console: Console | None = None) -> None:
-    (console or Console()).print(table)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: rich would assume 80 columns and cut every cell
+            console = Console(width=160)
+    console.print(table)

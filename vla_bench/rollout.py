@@ -95,6 +95,8 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
         for slot, result in results.items():
             ep = running[slot]
             ep.steps += 1
+            if record_frames and result.obs is not None:
+                ep.frames.append(upright_frame(result.obs))
             if result.error:
                 finish(slot, ep, False, result.error)
             elif result.done:
@@ -103,11 +105,7 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
                 finish(slot, ep, False)
             else:
                 ep.obs = result.obs
-                if record_frames:
-                    ep.frames.append(upright_frame(result.obs))
                 continue
-            if record_frames and result.obs is not None:
-                ep.frames.append(upright_frame(result.obs))
             del running[slot]
             freed.append(slot)
         if freed:

@@ -45,6 +45,12 @@ class LiberoTaskEnv:
                              f"asked for {init_index}")
         np.random.seed(seed)
         self.env.reset()
+        # robosuite's soft reset (hard_reset=False) keeps the gripper's integrated command (`current_action`,
+        # +-0.25 per step), so an episode that ended closed would start the next one half-closed. A hard reset
+        # builds new gripper objects with it at zero: set that here so soft resets match the reference.
+        for robot in self.env.env.robots:
+            if getattr(robot, "gripper", None) is not None:
+                robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
         obs = self.env.set_init_state(self.init_states[init_index])
         for _ in range(self.protocol.wait_steps):  # objects start ~7 cm up and settle during these
             obs, _, _, _ = self.env.step(list(WAIT_ACTION))

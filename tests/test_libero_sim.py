@@ -1,0 +1,99 @@
+"""Real LIBERO rollouts on the CPU (MuJoCo, EGL for cameras). Each test is sized to a few episodes."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_pytest, sim_env
+from vla_bench.envs.vector import VectorLiberoEnv
+from vla_bench.protocol import reference_protocol
+
+pytestmark = pytest.mark.sim
+
+
+def test_simulator_exception_is_that_episodes_error_and_the_env_goes_on():
+    protocol = reference_protocol("libero_spatial")
+    with VectorLiberoEnv(protocol, 0, 1) as env:
+        assert env.reset({0: (0, 1)})[0].error is None
+        bad = env.step({0: np.zeros(3)})[0]  # robosuite rejects a 3-dim action
+        assert bad.obs is None and "action" in bad.error.lower()
+        again = env.reset({0: (1, 2)})[0]
+        assert again.error is None and env.step({0: np.zeros(7)})[0].error is None
+
+
+def test_an_episode_is_the_same_whatever_ran_before_it_in_the_process():
+    """The same (task, init state, seed) gives the same scene after the wait steps, even when another episode
+    ran first in the same env, one that moved the arm and closed the gripper (LIBERO re-places fixtures from
+    NumPy's global RNG on every reset, and robosuite's soft reset keeps the gripper's integrated command). Task 5
+    has the wooden cabinet, a fixture."""
+    protocol = reference_protocol("libero_spatial")
+    with VectorLiberoEnv(protocol, 4, 2) as env:
+        first = env.reset({0: (3, protocol.episode_seed(4, 3)), 1: (7, protocol.episode_seed(4, 7))})
+        for _ in range(6):
+            env.step({1: np.array([0.5, 0, -0.5, 0, 0, 0, 1.0])})
+        later = env.reset({1: (3, protocol.episode_seed(4, 3))})
+        a, b = first[0].obs, later[1].obs
+        keys = [k for k in a if k.endswith("_pos") or k.endswith("_quat")]
+        assert keys and all(np.array_equal(a[k], b[k]) for k in keys)
+
+
+def _ids_with_outcome(stdout: str, outcome: str) -> set[str]:
+    return {line.split("[")[1].split("]")[0] for line in stdout.splitlines()
+            if line.startswith(outcome) and "test_task[" in line}
+
+
+def test_expert_passes_task1_and_the_negative_control_fails_it(tmp_path):
+    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoint", "expert", "--checkpoint", "noop",
+                        "--episodes", "4", "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
+    assert _ids_with_outcome(result.stdout, "PASSED") == {"task1-expert"}, result.stdout[-3000:]
+    assert _ids_with_outcome(result.stdout, "FAILED") == {"task1-noop"}
+    assert "4/4" in result.stdout and "0/4" in result.stdout  # the summary table's successes column
+
+
+def _rows(db):
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as c:
+        try:
+            return c.execute("SELECT init_index, created FROM episodes ORDER BY init_index").fetchall()
+        except sqlite3.OperationalError:  # the table is being created
+            return []
+
+
+def test_a_killed_run_resumes_with_finished_episodes_skipped(tmp_path):
+    db = tmp_path / "r.sqlite"
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "suites/libero_spatial", "-k", "task1",
+            "--checkpoint", "random", "--episodes", "6", "--max-steps", "30", "--vla-workers", "1",
+            "--vla-results", str(db)]
+    proc = subprocess.Popen(args, cwd=REPO, env=sim_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while len(_rows(db)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the pytest process and its env workers, mid-episode
+    proc.wait()
+    before = _rows(db)
+    assert 2 <= len(before) < 6, before
+    result = subprocess.run(args + ["-rA"], cwd=REPO, env=sim_env(), capture_output=True, text=True, timeout=600)
+    after = _rows(db)
+    assert [i for i, _ in after] == list(range(6)), result.stdout[-2000:]
+    assert dict(after).items() >= dict(before).items()  # the finished rows were kept, not re-run
+    assert f"({len(before)} resumed)" in result.stdout
+
+
+def test_video_is_written_per_episode_and_decodes(tmp_path):
+    import imageio.v3 as iio
+
+    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "1",
+                        "--max-steps", "5", "--video", "all", "--video-dir", str(tmp_path / "videos"),
+                        "--vla-results", str(tmp_path / "r.sqlite"))
+    videos = sorted((tmp_path / "videos").rglob("*.mp4"))
+    assert [v.relative_to(tmp_path / "videos").as_posix() for v in videos] == \
+        ["noop/libero_spatial/task1/episode000-failure.mp4"], result.stdout[-2000:]
+    frames = iio.imread(videos[0])
+    assert frames.shape == (6, 256, 256, 3) and frames.std() > 10  # the start + 5 steps, a real picture

@@ -1,0 +1,101 @@
+"""`vla-bench`: thin commands over the library (the pytest plugin uses the same functions).
+
+Every VlaBenchError is printed as one line naming what to fix, with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import VlaBenchError
+
+COMMANDS = {}
+
+
+def command(name: str, help: str):
+    def register(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+    return register
+
+
+def _registry(args):
+    from .registry import Registry
+
+    return Registry.load(args.checkpoints_file)
+
+
+@command("report", "print the results table from a results store")
+def report(args) -> int:
+    from .report import print_table, results_from_records, task_table
+    from .results import ResultsStore
+
+    path = Path(args.results)
+    if not path.is_file():
+        raise VlaBenchError(f"{path}: no results store here (pytest writes one with --vla-results PATH)")
+    store = ResultsStore(path)
+    records = store.episodes(checkpoint=args.checkpoint, suite=args.suite)
+    if not records:
+        raise VlaBenchError(f"{path}: no episodes" + (f" for checkpoint {args.checkpoint!r}" if args.checkpoint else "")
+                            + (f" in suite {args.suite!r}" if args.suite else ""))
+    registry = None
+    try:
+        registry = _registry(args)
+    except VlaBenchError:
+        pass  # thresholds are shown when a checkpoints.toml is at hand; the figures need none
+    rows = results_from_records(records)
+    if registry is not None:
+        for row in rows:
+            if row.checkpoint in registry.checkpoints:
+                row.threshold = registry.threshold(registry.checkpoints[row.checkpoint], row.suite, row.task_id)
+    print_table(task_table(rows, title=f"vla-bench: {path}"))
+    return 0
+
+
+@command("checkpoints", "list the entries of checkpoints.toml")
+def checkpoints(args) -> int:
+    registry = _registry(args)
+    for name, spec in registry.checkpoints.items():
+        mark = " (default)" if name == registry.default else ""
+        print(f"{name}{mark}: kind={spec.kind} identity={registry.identity(spec)}")
+    return 0
+
+
+@command("tasks", "list the tasks of a LIBERO suite with their test ids")
+def tasks(args) -> int:
+    from .envs.tasks import suite_tasks
+
+    for task in suite_tasks(args.suite):
+        print(f"{task.task_id}\t{task.language}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoints-file", default=None, help="checkpoints.toml (default: nearest one)")
+    parser = argparse.ArgumentParser(prog="vla-bench", description="Evaluate VLA robot policies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, parents=[common])
+        p.set_defaults(func=fn)
+        if name == "report":
+            p.add_argument("--results", default="results/vla-bench.sqlite")
+            p.add_argument("--checkpoint", default=None)
+            p.add_argument("--suite", default=None)
+        if name == "tasks":
+            p.add_argument("suite")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VlaBenchError as e:
+        print(f"vla-bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

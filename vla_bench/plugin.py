@@ -36,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="SQLite results store; finished episodes in it are not re-run")
     group.addoption("--vla-workers", type=int, default=None, metavar="N",
                     help="simulator processes per task (default: the CPU count)")
+    group.addoption("--vla-data", action="append", default=[], metavar="SUITE=PATH",
+                    help="dataset of an open-loop suite (bridge_v2, libero_demos), overriding checkpoints.toml")
     group.addoption("--video", choices=VIDEO_MODES, default="none", help="write an mp4 per episode")
     group.addoption("--video-dir", default="videos", metavar="DIR", help="where videos go (default: videos/)")
 
@@ -71,8 +73,10 @@ class _State:
             self._registry = Registry.load(path)
         return self._registry
 
-    def checkpoint_names(self) -> list[str]:
-        names = self.config.getoption("--checkpoint") or [self.registry.default]
+    def checkpoint_names(self, suite: str | None = None) -> list[str]:
+        """--checkpoint names, else the suite's own defaults ([datasets.SUITE] checkpoints), else `default`."""
+        suite_defaults = self.registry.datasets.get(suite, {}).get("checkpoints") if suite else None
+        names = self.config.getoption("--checkpoint") or suite_defaults or [self.registry.default]
         for name in names:
             self.registry.get(name)  # an unknown name raises an error listing the valid ones
         return names
@@ -89,6 +93,11 @@ class _State:
                                     video_dir=Path(opt("--video-dir")))
             store = ResultsStore(Path(opt("--vla-results")))
             self._session = EvalSession(self.registry, store, settings, opt("--episodes"), opt("--max-steps"))
+            for item in opt("--vla-data"):
+                suite, sep, path = item.partition("=")
+                if not sep:
+                    raise pytest.UsageError(f"--vla-data {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
+                self._session.data_overrides[suite] = path
         return self._session
 
 
@@ -104,6 +113,8 @@ def _usage_error(error: VlaBenchError) -> pytest.UsageError:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "proxy_metric" in metafunc.fixturenames:
+        return _parametrize_proxy(metafunc)
     if "libero_task" not in metafunc.fixturenames:
         return
     suite = getattr(metafunc.module, "SUITE", None)
@@ -118,6 +129,56 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     except VlaBenchError as e:
         raise _usage_error(e) from None
     metafunc.parametrize("libero_task", cases, ids=[c.id for c in cases], indirect=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyCase:
+    suite: str
+    metric: str
+    checkpoint: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.metric}-{self.checkpoint}"
+
+
+def _parametrize_proxy(metafunc: pytest.Metafunc) -> None:
+    from .proxy import GATED_METRICS
+
+    suite = getattr(metafunc.module, "SUITE", None)
+    try:
+        names = metafunc.config.stash[_STATE].checkpoint_names(suite)
+    except VlaBenchError as e:
+        raise _usage_error(e) from None
+    cases = [ProxyCase(suite, metric, name) for name in names for metric in GATED_METRICS]
+    metafunc.parametrize("proxy_metric", cases, ids=[c.id for c in cases], indirect=True)
+
+
+class ProxyMetricRunner:
+    """What an open-loop suite test receives: `evaluate()` gives its metric's figure (the dataset is predicted
+    once per checkpoint and suite, then shared by every metric's test)."""
+
+    def __init__(self, config: pytest.Config, case: ProxyCase):
+        self.config = config
+        self.case = case
+
+    def evaluate(self):
+        session = self.config.stash[_STATE].session
+        try:
+            result = session.evaluate_proxy(session.registry.get(self.case.checkpoint), self.case.suite)
+        except VlaBenchError as e:
+            pytest.fail(str(e), pytrace=False)
+        return result.figures[self.case.metric]
+
+    def describe(self, figure) -> str:
+        low, high = figure.interval
+        return (f"{self.case.suite} {self.case.checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI "
+                f"{low:.3f}-{high:.3f}, {figure.n_episodes} episodes), threshold {figure.threshold.describe()}")
+
+
+@pytest.fixture
+def proxy_metric(request: pytest.FixtureRequest) -> ProxyMetricRunner:
+    return ProxyMetricRunner(request.config, request.param)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -230,17 +291,21 @@ def libero_task(request: pytest.FixtureRequest) -> LiberoTaskRunner:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
-    if state is None or state._session is None or not state._session.results:
+    session = state._session if state is not None else None
+    if session is None or not (session.results or session.proxy_results):
         return
     from rich.console import Console
 
-    from .report import task_table
+    from .report import proxy_table, task_table
 
     console = Console(file=terminalreporter._tw._file, force_terminal=terminalreporter._tw.hasmarkup,
                       width=max(terminalreporter._tw.fullwidth, 150))
     terminalreporter.section("vla-bench")
-    console.print(task_table(state._session.results))
-    terminalreporter.write_line(f"results: {state._session.store.path}  (vla-bench report --results PATH)")
+    if session.results:
+        console.print(task_table(session.results))
+    if session.proxy_results:
+        console.print(proxy_table(session.proxy_results))
+    terminalreporter.write_line(f"results: {session.store.path}  (vla-bench report --results PATH)")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -47,8 +47,8 @@ class CheckpointSpec:
         return f"{self.path}: [checkpoints.{self.name}]" + (f" {key}" if key else "") + ": "
 
     def resolve_path(self, value: str) -> Path:
-        p = Path(os.path.expanduser(value))
-        return p if p.is_absolute() else (self.path.parent / p).resolve()
+        """A path from this entry, relative to the checkpoints.toml that holds it."""
+        return resolve_relative(self.path, value)
 
 
 class Registry:
@@ -72,10 +72,14 @@ class Registry:
 
     def _parse(self) -> None:
         data = self.document.unwrap()
-        unknown = set(data) - {"default", "thresholds", "checkpoints"}
+        unknown = set(data) - {"default", "thresholds", "checkpoints", "datasets"}
         if unknown:
             raise VlaBenchError(f"{self.path}: unknown top-level key(s) {choices(sorted(unknown))}; "
-                                "valid: default, thresholds, checkpoints")
+                                "valid: default, thresholds, checkpoints, datasets")
+        self.datasets = data.get("datasets", {})
+        if not isinstance(self.datasets, dict) or not all(isinstance(v, dict) and isinstance(v.get("path"), str)
+                                                          for v in self.datasets.values()):
+            raise VlaBenchError(f"{self.path}: [datasets.NAME] tables need a path = \"...\" key")
         entries = data.get("checkpoints", {})
         if not isinstance(entries, dict) or not entries:
             raise VlaBenchError(f"{self.path}: no [checkpoints.NAME] entries")
@@ -140,6 +144,15 @@ class Registry:
         raise VlaBenchError(f"{self.path}: no threshold for {suite} {case}: add [thresholds.{suite}] default = ... "
                             f"or [checkpoints.{spec.name}.thresholds.{suite}]")
 
+    def dataset(self, suite: str) -> dict:
+        """The [datasets.SUITE] table (path resolved against this file's folder) of an open-loop suite."""
+        if suite not in self.datasets:
+            raise VlaBenchError(f"{self.path}: no [datasets.{suite}] table; add one with path = \"...\" "
+                                f"(or pass --vla-data {suite}=PATH)")
+        table = dict(self.datasets[suite])
+        table["path"] = str(resolve_relative(self.path, table["path"]))
+        return table
+
     def identity(self, spec: CheckpointSpec) -> str:
         return family_module(spec.kind).identity(spec, self)
 
@@ -160,6 +173,12 @@ class Registry:
         self.path.write_text(tomlkit.dumps(self.document))
         self.checkpoints[name] = spec
         return spec
+
+
+def resolve_relative(toml_path: Path, value: str) -> Path:
+    """Paths in checkpoints.toml are relative to the file's folder, so the file works from any directory."""
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (toml_path.parent / p).resolve()
 
 
 def default_path(start: Path | None = None) -> Path:

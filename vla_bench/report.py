@@ -38,6 +38,24 @@ def task_table(results: Iterable[TaskResult], title: str = "vla-bench: closed-lo
     return table
 
 
+def proxy_table(results: dict, title: str = "vla-bench: open-loop proxy metrics") -> Table:
+    """results: {(checkpoint, suite): OpenLoopResult}; one row per metric, gated metrics first."""
+    table = Table(title=title, title_justify="left")
+    for column in ("suite", "checkpoint", "metric", "value", "95% bootstrap", "threshold", "verdict", "episodes",
+                   "frames", "ground truth"):
+        table.add_column(column, justify="left" if column in ("suite", "checkpoint", "metric") else "right",
+                         no_wrap=True)
+    for (checkpoint, suite), result in results.items():
+        figures = sorted(result.figures.values(), key=lambda f: f.threshold is None)
+        for f in figures:
+            low, high = f.interval
+            verdict = verdict_text(f.passed) + (" [yellow](!)[/]" if f.warning else "")
+            table.add_row(suite, checkpoint, f.name, f"{f.value:.3f}", f"[{low:.3f}, {high:.3f}]",
+                          "-" if f.threshold is None else f.threshold.describe(), verdict, str(f.n_episodes),
+                          str(f.n_frames), "-" if f.reference is None else f"{f.reference:.3f}")
+    return table
+
+
 def results_from_records(records: list[EpisodeRecord]) -> list[TaskResult]:
     """Group stored episodes by (checkpoint, identity, suite, task, protocol) into table rows."""
     groups: dict[tuple, list[EpisodeRecord]] = {}

@@ -27,6 +27,8 @@ class EvalSession:
         self._policies: dict[tuple[str, str], Policy] = {}
         self._identities: dict[str, str] = {}
         self.results: list[TaskResult] = []
+        self.proxy_results: dict[tuple[str, str], object] = {}  # (checkpoint, suite) -> OpenLoopResult
+        self.data_overrides: dict[str, str] = {}  # suite -> dataset path (--vla-data)
 
     def protocol(self, suite: str) -> Protocol:
         return reference_protocol(suite, self.episodes, self.max_steps)
@@ -50,3 +52,22 @@ class EvalSession:
                                task_index, self.store, self.settings, progress, threshold)
         self.results.append(result)
         return result
+
+    def evaluate_proxy(self, spec: CheckpointSpec, suite: str):
+        """Predict and score a whole open-loop dataset once per (checkpoint, suite); every metric test reads it."""
+        key = (spec.name, suite)
+        if key not in self.proxy_results:
+            from .proxy import evaluate_open_loop, resolve_thresholds
+            from .proxy_suites import open_loop_source, store_figures
+            from .results import library_versions
+
+            if suite in self.data_overrides:  # --vla-data: the path changes, the table's other keys stay
+                dataset = {**self.registry.datasets.get(suite, {}), "path": self.data_overrides[suite]}
+            else:
+                dataset = self.registry.dataset(suite)
+            overrides = {**self.registry.suite_thresholds.get(suite, {}), **spec.thresholds.get(suite, {})}
+            result = evaluate_open_loop(self.policy(spec, suite), open_loop_source(suite, dataset),
+                                        thresholds=resolve_thresholds(overrides))
+            store_figures(self.store.db, spec.name, self.identity(spec), suite, result, library_versions())
+            self.proxy_results[key] = result
+        return self.proxy_results[key]

@@ -31,7 +31,7 @@ from .tfrecord import iter_records_with_offsets, write_records
 STEPS = "steps"
 _DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 _TFDS = "tensorflow_datasets.core.features."
-_KINDS = ("tensor", "image", "text")
+_PIL_FORMATS = {"jpeg": ["JPEG"], "png": ["PNG"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,10 +309,12 @@ def _decode_feature(value, spec: FeatureSpec, steps: int | None, where: str):
 
 def _decode_image(blob: bytes, spec: FeatureSpec, where: str) -> np.ndarray:
     try:
-        image = Image.open(io.BytesIO(blob))
+        # naming the format skips PIL's probing of every plugin; converting only when needed skips a copy
+        formats = _PIL_FORMATS.get(spec.encoding or "")
+        image = Image.open(io.BytesIO(blob), formats=formats)
         channels = spec.shape[-1] if spec.shape else 3
-        image = image.convert({1: "L", 3: "RGB", 4: "RGBA"}.get(channels, "RGB"))
-        array = np.asarray(image)
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, "RGB")
+        array = np.asarray(image if image.mode == mode else image.convert(mode))
     except Exception as e:  # PIL raises several types for damaged images
         raise VlaBenchError(f"image {spec.key!r} in {where} cannot be decoded: {e}") from e
     return array[..., None] if array.ndim == 2 else array

@@ -111,11 +111,15 @@ def sign_accuracy_per_dim(pred, gt, dead_zone) -> np.ndarray:
 
 def correlation_moments(pred, gt, center_pred=None, center_gt=None) -> np.ndarray:
     """Sufficient statistics of Pearson's r per dim, shape (D, 6): n, Sx, Sy, Sxx, Syy, Sxy of x = pred - cx and
-    y = gt - cy. Centering on a common value (default: these arrays' means) keeps the sums well conditioned; the
-    moments of several episodes centered on the same values add up to the moments of their concatenation."""
+    y = gt - cy. Centering on a common value keeps the sums well conditioned; the moments of several episodes
+    centered on the same values add up to the moments of their concatenation. The default centre is the first
+    frame, a value of the data itself, so a constant series gives exactly zero sums (a mean could be off by
+    rounding and leave noise that looks like variance)."""
     pred, gt = _pair(pred, gt)
-    cx = pred.mean(axis=0) if center_pred is None else np.asarray(center_pred, dtype=np.float64)
-    cy = gt.mean(axis=0) if center_gt is None else np.asarray(center_gt, dtype=np.float64)
+    if len(pred) == 0:
+        return np.zeros((pred.shape[1], 6))
+    cx = pred[0] if center_pred is None else np.asarray(center_pred, dtype=np.float64)
+    cy = gt[0] if center_gt is None else np.asarray(center_gt, dtype=np.float64)
     x, y = pred - cx, gt - cy
     n = np.full(pred.shape[1], float(len(pred)))
     return np.stack([n, x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), (x * y).sum(0)], axis=1)
@@ -129,10 +133,9 @@ def pearson_from_moments(moments) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         cov = sxy - sx * sy / n
         vx, vy = sxx - sx * sx / n, syy - sy * sy / n
-        # a constant series leaves only rounding noise in the centered sums: treat a std below 1e-9 of the
-        # series' scale (RMS about the centre) as zero
-        flat_x = vx <= (1e-9 ** 2) * (sxx + 1e-300)
-        flat_y = vy <= (1e-9 ** 2) * (syy + 1e-300)
+        # zero variance, or only rounding noise left by the subtraction (relative to the spread about the centre)
+        flat_x = vx <= 1e-12 * sxx
+        flat_y = vy <= 1e-12 * syy
         r = cov / np.sqrt(vx * vy)
     r = np.where(flat_x | flat_y | (n < 2) | (sxx <= 0) | (syy <= 0), np.nan, r)
     return np.clip(r, -1.0, 1.0)

@@ -13,6 +13,9 @@ REQUIRED: tuple = ()
 
 
 class NoopPolicy:
+    """Zero motion, gripper -1: LIBERO's "open". In an open-loop Bridge suite the same -1 reads as "closed"
+    (Bridge's gripper is 1 = open), so there it is a constant-closed control rather than a constant-open one."""
+
     needs_images = False
     needs_privileged = False
 

@@ -53,6 +53,33 @@ def report(args) -> int:
     return 0
 
 
+@command("gate", "gate a stored candidate run against a stored baseline run, without re-running anything")
+def gate(args) -> int:
+    from .baselines import load_baseline, task_pairs
+    from .gating import GateSettings
+    from .metrics.gate import compare_suite
+    from .report import gate_table, print_table
+
+    baseline = load_baseline(args.baseline, args.baselines)
+    candidate = load_baseline(args.candidate, args.baselines)
+    settings = GateSettings.from_options(args.alpha, args.fail, args.strict)
+    verdict = compare_suite(task_pairs(baseline, candidate), **settings.kwargs())
+    rows = [_GateRow(candidate.suite, t.task, candidate.checkpoint["name"], t) for t in verdict.tasks]
+    print_table(gate_table(rows, [(candidate.checkpoint["name"], candidate.suite, verdict)],
+                           title=f"vla-bench gate: {candidate.name} vs {baseline.name}"))
+    failed = settings.fails(verdict.verdict) or any(settings.fails(t.verdict) for t in verdict.tasks)
+    print(f"gate {'FAILED' if failed else 'passed'}: suite verdict {verdict.verdict}"
+          + (f"; failing tasks: {', '.join(verdict.failed_tasks)}" if verdict.failed_tasks else ""))
+    return 1 if failed else 0
+
+
+class _GateRow:
+    """A stored run's task in the shape gate_table reads (it shows the Holm-adjusted verdicts of compare_suite)."""
+
+    def __init__(self, suite, task_id, checkpoint, verdict):
+        self.suite, self.task_id, self.checkpoint, self.gate, self.saved = suite, task_id, checkpoint, verdict, 0
+
+
 @command("checkpoints", "list the entries of checkpoints.toml")
 def checkpoints(args) -> int:
     registry = _registry(args)
@@ -85,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--suite", default=None)
         if name == "tasks":
             p.add_argument("suite")
+        if name == "gate":
+            p.add_argument("baseline", help="baseline run: a name in --baselines or a .json path")
+            p.add_argument("candidate", help="candidate run (saved with --vla-save): a name or a .json path")
+            p.add_argument("--baselines", default="baselines", help="folder of stored runs (default baselines/)")
+            p.add_argument("--alpha", type=float, default=0.05)
+            p.add_argument("--fail", default=None, metavar="drop:5pp", help="non-inferiority margin")
+            p.add_argument("--strict", action="store_true", help="inconclusive fails too")
     return parser
 
 

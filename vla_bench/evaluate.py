@@ -13,6 +13,7 @@ from typing import Callable
 
 from .envs.tasks import suite_tasks
 from .envs.vector import VectorLiberoEnv
+from .metrics.gate import meets_threshold
 from .metrics.intervals import wilson_interval
 from .policies.base import Policy
 from .protocol import Protocol
@@ -34,6 +35,18 @@ class TaskResult:
     wall_s: float  # wall time of this evaluation
     threshold: float | tuple | None = None
     resumed: int = 0  # episodes taken from the store instead of re-run
+    planned: int | None = None  # the protocol's episodes; more than `episodes` when curtailment stopped early
+    gate: object = None  # the TaskVerdict against a baseline, when gating
+
+    @property
+    def saved(self) -> int:
+        """Episodes curtailment did not need to run."""
+        return max(0, (self.planned or 0) - self.episodes - self.errors)
+
+    def outcomes(self) -> dict[int, bool]:
+        return dict(self._outcomes)
+
+    _outcomes: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def rate(self) -> float:
@@ -49,16 +62,13 @@ class TaskResult:
 
     @property
     def passed(self) -> bool | None:
-        return meets(self.rate, self.threshold) if self.episodes else None
-
-
-def meets(value: float, threshold: float | tuple | None) -> bool | None:
-    """A figure meets a number threshold when >= it, and a [low, high] threshold when inside it."""
-    if threshold is None:
-        return None
-    if isinstance(threshold, tuple):
-        return threshold[0] <= value <= threshold[1]
-    return value >= threshold
+        """Meets the threshold: a number by metrics.gate.meets_threshold (the one home of that rule; after
+        curtailment it agrees with the full run's verdict), a [low, high] pair when the rate lies inside."""
+        if not self.episodes or self.threshold is None:
+            return None
+        if isinstance(self.threshold, tuple):
+            return self.threshold[0] <= self.rate <= self.threshold[1]
+        return meets_threshold(self.successes, self.episodes, self.threshold)
 
 
 def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_index: int,
@@ -68,7 +78,8 @@ def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_in
     wins = [r for r in measured if r.success]
     return TaskResult(checkpoint, suite, task_index, len(wins), len(measured), len(records) - len(measured),
                       sum(r.steps for r in wins) / len(wins) if wins else None,
-                      sum(r.wall_s for r in records) if wall_s is None else wall_s, threshold, resumed)
+                      sum(r.wall_s for r in records) if wall_s is None else wall_s, threshold, resumed,
+                      _outcomes={r.init_index: r.success for r in measured})
 
 
 def default_workers() -> int:
@@ -86,7 +97,11 @@ class EvalSettings:
 def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol: Protocol, task_index: int,
                   store: ResultsStore, settings: EvalSettings,
                   progress: Callable[[EpisodeOutcome, int, int], None] | None = None,
-                  threshold=None) -> TaskResult:
+                  threshold=None, stop_when: Callable[[dict[int, bool]], bool] | None = None) -> TaskResult:
+    """Run the protocol's episodes of one task that the store lacks, committing each as it finishes.
+
+    stop_when (curtailment): called with the measured outcomes {init index: success} after each episode; once it
+    returns True no further episode starts (episodes in flight still finish and are kept)."""
     started = time.perf_counter()
     task = suite_tasks(protocol.suite)[task_index]
     key = protocol.key()
@@ -95,7 +110,11 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
     todo = [i for i in wanted if i not in done]
     records = {i: done[i] for i in wanted if i in done}
     resumed = len(records)
-    if todo:
+
+    def measured() -> dict[int, bool]:
+        return {i: r.success for i, r in records.items() if r.error is None}
+
+    if todo and not (stop_when and stop_when(measured())):
         record_frames = settings.video != "none"
         # cameras cost ~0.2 s per step each on a CPU: render only what the policy or the video needs
         cameras = tuple(getattr(policy, "cameras", ("agentview",))) if policy.needs_images else ()
@@ -104,7 +123,7 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
         versions = library_versions()
         with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
                              policy.needs_privileged) as env:
-            def on_done(outcome: EpisodeOutcome) -> None:
+            def on_done(outcome: EpisodeOutcome) -> bool:
                 video = None
                 if outcome.frames and wants_video(settings.video, outcome.success):
                     label = "error" if outcome.error else ("success" if outcome.success else "failure")
@@ -118,7 +137,10 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
                 records[outcome.init_index] = record
                 if progress:
                     progress(outcome, len(records), protocol.episodes)
+                return bool(stop_when and stop_when(measured()))
 
             rollout_episodes(policy, env, protocol, task_index, task.language, todo, on_done, record_frames)
-    return summarize([records[i] for i in sorted(records)], spec.name, protocol.suite, task_index, threshold,
-                     resumed, wall_s=time.perf_counter() - started)
+    result = summarize([records[i] for i in sorted(records)], spec.name, protocol.suite, task_index, threshold,
+                       resumed, wall_s=time.perf_counter() - started)
+    result.planned = protocol.episodes
+    return result

@@ -38,6 +38,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="simulator processes per task (default: the CPU count)")
     group.addoption("--vla-data", action="append", default=[], metavar="SUITE=PATH",
                     help="dataset of an open-loop suite (bridge_v2, libero_demos), overriding checkpoints.toml")
+    group.addoption("--vla-save", default=None, metavar="NAME",
+                    help="store this run's per-episode outcomes as baselines/NAME.json (commit it to gate against)")
+    group.addoption("--vla-compare", nargs="?", const="@entry", default=None, metavar="NAME",
+                    help="gate every checkpoint against baseline NAME (no NAME: each entry's `baseline` key)")
+    group.addoption("--vla-compare-fail", default=None, metavar="drop:5pp",
+                    help="non-inferiority margin: fail only on a drop beyond it (default: any significant drop)")
+    group.addoption("--vla-strict", action="store_true", help="an inconclusive gate fails too")
+    group.addoption("--vla-alpha", type=float, default=0.05, help="the gate's significance level (default 0.05)")
+    group.addoption("--vla-curtail", action="store_true",
+                    help="stop a task's episodes once no remaining outcome can change its verdict (exact)")
+    group.addoption("--vla-baselines", default="baselines", metavar="DIR", help="baselines folder (default baselines/)")
     group.addoption("--video", choices=VIDEO_MODES, default="none", help="write an mp4 per episode")
     group.addoption("--video-dir", default="videos", metavar="DIR", help="where videos go (default: videos/)")
 
@@ -59,6 +70,8 @@ class _State:
     def __init__(self, config: pytest.Config):
         self.config = config
         self._session = None
+        self.suite_verdicts: list = []
+        self.saved_baselines: list = []
 
     @property
     def registry(self):
@@ -85,6 +98,7 @@ class _State:
     def session(self):
         if self._session is None:
             from .evaluate import EvalSettings, default_workers
+            from .gating import GateSettings
             from .results import ResultsStore
             from .session import EvalSession
 
@@ -92,7 +106,13 @@ class _State:
             settings = EvalSettings(workers=opt("--vla-workers") or default_workers(), video=opt("--video"),
                                     video_dir=Path(opt("--video-dir")))
             store = ResultsStore(Path(opt("--vla-results")))
-            self._session = EvalSession(self.registry, store, settings, opt("--episodes"), opt("--max-steps"))
+            try:
+                gate = GateSettings.from_options(opt("--vla-alpha"), opt("--vla-compare-fail"), opt("--vla-strict"))
+            except VlaBenchError as e:
+                raise _usage_error(e) from None
+            self._session = EvalSession(self.registry, store, settings, opt("--episodes"), opt("--max-steps"),
+                                        compare=opt("--vla-compare"), gate=gate, curtail=opt("--vla-curtail"),
+                                        baselines_dir=Path(opt("--vla-baselines")))
             for item in opt("--vla-data"):
                 suite, sep, path = item.partition("=")
                 if not sep:
@@ -259,9 +279,10 @@ class _Progress:
 class LiberoTaskRunner:
     """What a LIBERO suite test receives: `evaluate()` runs (or resumes) the case and returns its TaskResult."""
 
-    def __init__(self, config: pytest.Config, case: LiberoCase):
+    def __init__(self, config: pytest.Config, case: LiberoCase, node: pytest.Item):
         self.config = config
         self.case = case
+        self.node = node
 
     def evaluate(self):
         state = self.config.stash[_STATE]
@@ -270,9 +291,34 @@ class LiberoTaskRunner:
         total = session.protocol(self.case.suite).episodes
         try:
             with _Progress(self.config, self.case, total) as progress:
-                return session.evaluate(spec, self.case.suite, self.case.task_index, progress.update)
+                result = session.evaluate(spec, self.case.suite, self.case.task_index, progress.update)
         except VlaBenchError as e:
             pytest.fail(str(e), pytrace=False)
+        self._record_properties(result)
+        return result
+
+    def _record_properties(self, result) -> None:
+        """The figures as JUnit XML properties (--junitxml), for CI systems."""
+        low, high = result.interval
+        props = {"successes": result.successes, "episodes": result.episodes, "errors": result.errors,
+                 "rate": round(result.rate, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
+                 "threshold": result.threshold, "episodes_saved": result.saved}
+        if result.gate is not None:
+            g = result.gate
+            props.update({f"gate_{k}": getattr(g, k) for k in ("verdict", "baseline_rate", "candidate_rate",
+                          "difference", "difference_low", "difference_high", "pvalue", "test", "detectable_drop")})
+        self.node.user_properties.extend(props.items())
+
+    def gate_failed(self, result) -> bool:
+        session = self.config.stash[_STATE].session
+        return result.gate is not None and session.gate.fails(result.gate.verdict)
+
+    @staticmethod
+    def describe_gate(result) -> str:
+        g = result.gate
+        return (f"{result.suite} {result.task_id} {result.checkpoint}: gate {g.verdict.upper()}: "
+                f"{g.candidate_rate:.1%} vs baseline {g.baseline_rate:.1%}, difference {g.difference:+.1%} "
+                f"(95% CI {g.difference_low:+.1%} to {g.difference_high:+.1%}), p = {g.pvalue:.4f} ({g.test})")
 
     @staticmethod
     def describe(result) -> str:
@@ -286,7 +332,7 @@ class LiberoTaskRunner:
 
 @pytest.fixture
 def libero_task(request: pytest.FixtureRequest) -> LiberoTaskRunner:
-    return LiberoTaskRunner(request.config, request.param)
+    return LiberoTaskRunner(request.config, request.param, request.node)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -299,13 +345,38 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     from .report import proxy_table, task_table
 
     console = Console(file=terminalreporter._tw._file, force_terminal=terminalreporter._tw.hasmarkup,
-                      width=max(terminalreporter._tw.fullwidth, 150))
+                      width=max(terminalreporter._tw.fullwidth, 220))
     terminalreporter.section("vla-bench")
     if session.results:
         console.print(task_table(session.results))
     if session.proxy_results:
         console.print(proxy_table(session.proxy_results))
+    if any(r.gate is not None for r in session.results):
+        from .report import gate_table
+
+        console.print(gate_table(session.results, state.suite_verdicts))
+    for path in state.saved_baselines:
+        terminalreporter.write_line(f"baseline saved: {path}")
     terminalreporter.write_line(f"results: {session.store.path}  (vla-bench report --results PATH)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    """Suite-level gates (a stratified test across the run's tasks) and --vla-save, once every task has run."""
+    state = session.config.stash.get(_STATE, None)
+    if state is None or state._session is None or not state._session.results:
+        return
+    try:
+        if state._session.compare is not None:
+            state.suite_verdicts = state._session.suite_verdicts()
+            if any(state._session.gate.fails(v.verdict) for _, _, v in state.suite_verdicts):
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        name = session.config.getoption("--vla-save")
+        if name:
+            state.saved_baselines = state._session.save_baselines(name)
+    except VlaBenchError as e:
+        session.config.get_terminal_writer().line(f"vla-bench: error: {e}", red=True)
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -56,6 +56,37 @@ def proxy_table(results: dict, title: str = "vla-bench: open-loop proxy metrics"
     return table
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def gate_table(results: Iterable[TaskResult], suite_verdicts=(), title: str = "vla-bench: regression gate") -> Table:
+    """Per task (and per suite): baseline and candidate rates, the difference with its 95% interval, p-value
+    (raw, and Holm-adjusted within the suite), verdict, the smallest drop this many episodes could detect, and the
+    episodes curtailment saved."""
+    table = Table(title=title, title_justify="left")
+    for column in ("suite", "task", "checkpoint", "baseline", "candidate", "difference [95% CI]", "p", "p (Holm)",
+                   "verdict", "detectable drop", "saved", "test"):
+        table.add_column(column, justify="left" if column in ("suite", "task", "checkpoint", "test") else "right",
+                         no_wrap=True)
+    holm = {(c, s, t.task): t.adjusted_pvalue for c, s, v in suite_verdicts for t in v.tasks}
+    colours = {"pass": "green", "fail": "red", "inconclusive": "yellow"}
+
+    def row(suite, task, checkpoint, g, adjusted, saved):
+        table.add_row(suite, task, checkpoint, f"{g.baseline_rate:.1%} ({g.baseline_episodes})",
+                      f"{g.candidate_rate:.1%} ({g.candidate_episodes})",
+                      f"{g.difference:+.1%} [{g.difference_low:+.1%}, {g.difference_high:+.1%}]", f"{g.pvalue:.4f}",
+                      "-" if adjusted is None else f"{adjusted:.4f}",
+                      f"[{colours[g.verdict]}]{g.verdict.upper()}[/]", _pct(g.detectable_drop), saved, g.test)
+
+    for r in results:
+        if r.gate is not None:
+            row(r.suite, r.task_id, r.checkpoint, r.gate, holm.get((r.checkpoint, r.suite, r.task_id)), str(r.saved))
+    for checkpoint, suite, v in suite_verdicts:
+        row(suite, "all tasks", checkpoint, v, None, "")
+    return table
+
+
 def results_from_records(records: list[EpisodeRecord]) -> list[TaskResult]:
     """Group stored episodes by (checkpoint, identity, suite, task, protocol) into table rows."""
     groups: dict[tuple, list[EpisodeRecord]] = {}
@@ -68,5 +99,5 @@ def print_table(table: Table, console: Console | None = None) -> None:
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped or logged: rich would assume 80 columns and cut every cell
-            console = Console(width=160)
+            console = Console(width=220)
     console.print(table)

@@ -5,20 +5,36 @@ built once per (checkpoint, suite) and their heavy parts (models) are shared thr
 """
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Callable
 
+from .baselines import BaselineRun, load_baseline, save_baseline, task_pairs
 from .envs.tasks import suite_tasks
+from .errors import VlaBenchError
 from .evaluate import EvalSettings, TaskResult, evaluate_task
+from .gating import GateSettings, check_protocol_matches, gate_task, run_from_records, stop_rule
+from .metrics.gate import compare_suite
 from .policies import BuildContext, ModelCache, Policy, build_policy
 from .protocol import Protocol, reference_protocol
 from .registry import CheckpointSpec, Registry
-from .results import ResultsStore
+from .results import ResultsStore, library_versions
+
+
+#: --vla-compare with no name: each checkpoint's own `baseline` key in checkpoints.toml
+BASELINE_FROM_ENTRY = "@entry"
 
 
 class EvalSession:
     def __init__(self, registry: Registry, store: ResultsStore, settings: EvalSettings | None = None,
-                 episodes: int | None = None, max_steps: int | None = None):
+                 episodes: int | None = None, max_steps: int | None = None, compare: str | None = None,
+                 gate: GateSettings | None = None, curtail: bool = False, baselines_dir: Path | None = None):
         self.registry = registry
+        self.compare = compare
+        self.gate = gate or GateSettings()
+        self.curtail = curtail
+        self.baselines_dir = baselines_dir
+        self._baselines: dict[str, BaselineRun] = {}
         self.store = store
         self.settings = settings or EvalSettings()
         self.episodes = episodes
@@ -48,10 +64,63 @@ class EvalSession:
                  progress: Callable | None = None) -> TaskResult:
         task = suite_tasks(suite)[task_index]
         threshold = self.registry.threshold(spec, suite, task.task_id)
-        result = evaluate_task(self.policy(spec, suite), spec, self.identity(spec), self.protocol(suite),
-                               task_index, self.store, self.settings, progress, threshold)
+        protocol = self.protocol(suite)
+        planned = range(protocol.episodes)
+        baseline = self.baseline_for(spec)
+        if baseline is not None:  # refuse an incomparable baseline before any episode runs
+            check_protocol_matches(baseline, protocol, task.task_id, planned)
+        stop = None
+        if self.curtail:
+            stop = stop_rule(planned, threshold, baseline.outcomes(task.task_id) if baseline else None, self.gate)
+        result = evaluate_task(self.policy(spec, suite), spec, self.identity(spec), protocol, task_index,
+                               self.store, self.settings, progress, threshold, stop)
+        if baseline is not None:
+            result.gate = gate_task(baseline, task.task_id, result.outcomes(), self.gate)
         self.results.append(result)
         return result
+
+    # ---- baselines and gates ----------------------------------------------------------------------------------
+    def baseline_for(self, spec: CheckpointSpec) -> BaselineRun | None:
+        if self.compare is None:
+            return None
+        name = spec.baseline if self.compare == BASELINE_FROM_ENTRY else self.compare
+        if name is None:
+            raise VlaBenchError(f"{spec.where('baseline')}missing: --vla-compare without a name gates each "
+                                "checkpoint against its `baseline` key; add one or pass --vla-compare NAME")
+        if name not in self._baselines:
+            self._baselines[name] = load_baseline(name, self.baselines_dir)
+        return self._baselines[name]
+
+    def candidate_runs(self, name: str = "candidate") -> list[tuple[str, str, BaselineRun]]:
+        """This session's closed-loop results as baseline-format runs, one per (checkpoint, suite)."""
+        groups: dict[tuple[str, str], dict[str, list]] = {}
+        for r in self.results:
+            spec = self.registry.get(r.checkpoint)
+            records = self.store.finished(self.identity(spec), r.suite, r.task_index, self.protocol(r.suite).key())
+            groups.setdefault((r.checkpoint, r.suite), {})[r.task_id] = list(records.values())
+        runs = []
+        for (checkpoint, suite), tasks in groups.items():
+            spec = self.registry.get(checkpoint)
+            runs.append((checkpoint, suite, run_from_records(name, self.protocol(suite), checkpoint,
+                                                             self.identity(spec), library_versions(), tasks)))
+        return runs
+
+    def save_baselines(self, name: str) -> list[Path]:
+        """--vla-save NAME: NAME.json when the run has one checkpoint and suite, else NAME-CHECKPOINT-SUITE.json."""
+        runs = self.candidate_runs()
+        paths = []
+        for checkpoint, suite, run in runs:
+            own = name if len(runs) == 1 else f"{name}-{checkpoint}-{suite}"
+            paths.append(save_baseline(dataclasses.replace(run, name=own), self.baselines_dir))
+        return paths
+
+    def suite_verdicts(self) -> list[tuple[str, str, object]]:
+        """The stratified suite-level gate (Holm-adjusted task verdicts inside) per (checkpoint, suite)."""
+        out = []
+        for checkpoint, suite, run in self.candidate_runs():
+            baseline = self.baseline_for(self.registry.get(checkpoint))
+            out.append((checkpoint, suite, compare_suite(task_pairs(baseline, run), **self.gate.kwargs())))
+        return out
 
     def evaluate_proxy(self, spec: CheckpointSpec, suite: str):
         """Predict and score a whole open-loop dataset once per (checkpoint, suite); every metric test reads it."""

@@ -5,3 +5,4 @@ SUITE = "libero_object"
 def test_task(libero_task):
     result = libero_task.evaluate()
     assert result.passed, libero_task.describe(result)
+    assert not libero_task.gate_failed(result), libero_task.describe_gate(result)

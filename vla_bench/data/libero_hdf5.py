@@ -167,8 +167,9 @@ def write_libero_demos(path: str | os.PathLike, episodes: Iterable[Mapping], lan
 
     Each episode is a mapping with "actions" (T, 7) and optionally "obs" ({name: (T, ...) array}, e.g.
     agentview_rgb, eye_in_hand_rgb, ee_states, gripper_states, joint_states), "states", "robot_states", "rewards",
-    "dones" (default: 1 on the last step only), "init_state" and "model_file". `language` goes into
-    data.attrs["problem_info"]["language_instruction"], where LIBERO keeps it."""
+    "dones" (default: 1 on the last step only), "init_state", "model_file" and "attrs" (more demo attributes,
+    e.g. the collector's seed). `language` goes into data.attrs["problem_info"]["language_instruction"], where
+    LIBERO keeps it. With no episodes the file holds the attributes and no demo (`append_libero_demo` adds them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     total = 0
@@ -176,36 +177,7 @@ def write_libero_demos(path: str | os.PathLike, episodes: Iterable[Mapping], lan
         data = f.create_group("data")
         count = 0
         for i, episode in enumerate(episodes):
-            if "actions" not in episode:
-                raise VlaBenchError(f"episode {i} for {path} has no 'actions'; keys: {', '.join(episode)}")
-            actions = np.asarray(episode["actions"], dtype=np.float64)
-            steps = len(actions)
-            demo = data.create_group(f"demo_{i}")
-            demo.create_dataset("actions", data=actions)
-            last = np.zeros(steps, np.uint8)
-            if steps:
-                last[-1] = 1
-            demo.create_dataset("rewards", data=np.asarray(episode.get("rewards", last)))
-            demo.create_dataset("dones", data=np.asarray(episode.get("dones", last)))
-            for name in ("states", "robot_states"):
-                if name in episode:
-                    demo.create_dataset(name, data=np.asarray(episode[name]))
-            obs = demo.create_group("obs")
-            for name, value in episode.get("obs", {}).items():
-                value = np.asarray(value)
-                if len(value) != steps:
-                    raise VlaBenchError(f"episode {i} for {path}: obs/{name} has {len(value)} steps, "
-                                        f"actions has {steps}")
-                is_image = name.endswith("_rgb") or name.endswith("_depth")
-                obs.create_dataset(name, data=value,
-                                   **({"compression": "gzip", "compression_opts": 4} if is_image and compress_images
-                                      else {}))
-            demo.attrs["num_samples"] = steps
-            if "init_state" in episode:
-                demo.attrs["init_state"] = np.asarray(episode["init_state"])
-            if "model_file" in episode:
-                demo.attrs["model_file"] = episode["model_file"]
-            total += steps
+            total += _write_demo(data, f"demo_{i}", episode, path, compress_images)
             count += 1
         data.attrs["problem_info"] = json.dumps(
             {"problem_name": problem_name, "domain_name": domain_name, "language_instruction": language})
@@ -215,3 +187,55 @@ def write_libero_demos(path: str | os.PathLike, episodes: Iterable[Mapping], lan
         data.attrs["num_demos"] = count
         data.attrs["total"] = total
     return path
+
+
+def append_libero_demo(path: str | os.PathLike, episode: Mapping, *, compress_images: bool = False) -> str:
+    """Add one demo to an existing LIBERO file (made by `write_libero_demos`, possibly with no demos) as the next
+    demo_<i>, update num_demos / total, and close the file, so that a killed writer loses at most this demo.
+    Returns the new demo's key."""
+    path = Path(path)
+    with h5py.File(path, "a") as f:
+        if "data" not in f:
+            raise VlaBenchError(f"{path} has no 'data' group: not a LIBERO demo file")
+        data = f["data"]
+        keys = demo_keys(data)
+        key = f"demo_{int(_DEMO.match(keys[-1]).group(1)) + 1 if keys else 0}"
+        steps = _write_demo(data, key, episode, path, compress_images)
+        data.attrs["num_demos"] = len(keys) + 1
+        data.attrs["total"] = int(data.attrs.get("total", 0)) + steps
+    return key
+
+
+def _write_demo(data: h5py.Group, key: str, episode: Mapping, path: Path, compress_images: bool) -> int:
+    """Write one demo group; return its step count."""
+    if "actions" not in episode:
+        raise VlaBenchError(f"{key} for {path} has no 'actions'; keys: {', '.join(episode)}")
+    actions = np.asarray(episode["actions"], dtype=np.float64)
+    steps = len(actions)
+    demo = data.create_group(key)
+    demo.create_dataset("actions", data=actions)
+    last = np.zeros(steps, np.uint8)
+    if steps:
+        last[-1] = 1
+    demo.create_dataset("rewards", data=np.asarray(episode.get("rewards", last)))
+    demo.create_dataset("dones", data=np.asarray(episode.get("dones", last)))
+    for name in ("states", "robot_states"):
+        if name in episode:
+            demo.create_dataset(name, data=np.asarray(episode[name]))
+    obs = demo.create_group("obs")
+    for name, value in episode.get("obs", {}).items():
+        value = np.asarray(value)
+        if len(value) != steps:
+            raise VlaBenchError(f"{key} for {path}: obs/{name} has {len(value)} steps, actions has {steps}")
+        is_image = name.endswith("_rgb") or name.endswith("_depth")
+        obs.create_dataset(name, data=value,
+                           **({"compression": "gzip", "compression_opts": 4} if is_image and compress_images
+                              else {}))
+    demo.attrs["num_samples"] = steps
+    if "init_state" in episode:
+        demo.attrs["init_state"] = np.asarray(episode["init_state"])
+    if "model_file" in episode:
+        demo.attrs["model_file"] = episode["model_file"]
+    for name, value in episode.get("attrs", {}).items():
+        demo.attrs[name] = value
+    return steps

@@ -1,0 +1,77 @@
+"""The regression gate as users drive it: `vla-bench gate` on stored runs, and --vla-compare / --vla-save /
+--vla-curtail in pytest (cheap LIBERO runs of the negative controls)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_pytest, sim_env
+from vla_bench.baselines import make_baseline, save_baseline
+from vla_bench.protocol import reference_protocol
+
+
+def stored_run(folder, name, rates_by_task, episodes=50, max_steps=None):
+    """A run whose init state i succeeds when i < rate * episodes (so two runs pair up init state by state)."""
+    protocol = reference_protocol("libero_spatial", episodes=episodes, max_steps=max_steps)
+    tasks = {task: {i: i < round(rate * episodes) for i in range(episodes)} for task, rate in rates_by_task.items()}
+    run = make_baseline(name, suite="libero_spatial", protocol=protocol.as_dict(), protocol_key=protocol.key(),
+                        checkpoint_name=name, checkpoint_identity=name, versions={}, tasks=tasks)
+    return save_baseline(run, folder)
+
+
+def gate_cli(*args):
+    return subprocess.run([sys.executable, "-m", "vla_bench.cli", "gate", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_gate_passes_equal_runs_and_fails_a_30_point_drop(tmp_path):
+    stored_run(tmp_path, "base", {"task1": 0.9, "task2": 0.9})
+    stored_run(tmp_path, "same", {"task1": 0.9, "task2": 0.9})
+    stored_run(tmp_path, "worse", {"task1": 0.6, "task2": 0.9})
+    same = gate_cli("base", "same", "--baselines", str(tmp_path))
+    assert same.returncode == 0 and "gate passed" in same.stdout
+    worse = gate_cli("base", "worse", "--baselines", str(tmp_path))
+    assert worse.returncode == 1, worse.stdout
+    assert "failing tasks: task1" in worse.stdout and "-30.0%" in worse.stdout
+
+
+def test_gate_refuses_runs_under_different_protocols_and_names_the_difference(tmp_path):
+    stored_run(tmp_path, "base", {"task1": 0.9})
+    stored_run(tmp_path, "short", {"task1": 0.9}, max_steps=100)
+    result = gate_cli("base", "short", "--baselines", str(tmp_path))
+    assert result.returncode == 2
+    assert "protocol max_steps: baseline 220, candidate 100" in result.stderr
+
+
+def test_gate_on_a_missing_baseline_lists_the_stored_ones(tmp_path):
+    stored_run(tmp_path, "base", {"task1": 0.9})
+    result = gate_cli("nope", "base", "--baselines", str(tmp_path))
+    assert result.returncode == 2 and "no baseline named 'nope'; baselines in" in result.stderr
+    assert result.stderr.rstrip().endswith("base")
+
+
+@pytest.mark.sim
+def test_save_then_compare_in_pytest_and_a_mismatched_protocol_stops_before_any_episode(tmp_path):
+    common = ["suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "2",
+              "--vla-results", str(tmp_path / "r.sqlite"), "--vla-baselines", str(tmp_path / "b")]
+    saved = run_pytest(*common, "--max-steps", "8", "--vla-save", "noop-base")
+    data = json.loads((tmp_path / "b" / "noop-base.json").read_text())
+    assert data["tasks"] == {"task1": {"0": False, "1": False}} and data["protocol"]["max_steps"] == 8, saved.stdout
+    compared = run_pytest(*common, "--max-steps", "8", "--vla-compare", "noop-base")
+    assert "regression gate" in compared.stdout and "INCONCLUSIVE" in compared.stdout
+    mismatched = run_pytest(*common, "--max-steps", "9", "--vla-compare", "noop-base")
+    assert "protocol max_steps: baseline 8, candidate 9" in mismatched.stdout
+    assert "0/2" not in mismatched.stdout  # refused up front: no table row, no episodes
+
+
+@pytest.mark.sim
+def test_curtailment_stops_once_the_threshold_verdict_is_fixed_and_keeps_the_verdict(tmp_path):
+    """noop fails every episode; with a 90% threshold over 10 episodes the verdict is fixed after 2 failures."""
+    args = ["suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "10", "--max-steps", "5",
+            "--vla-workers", "1", "--junitxml", str(tmp_path / "j.xml")]
+    curtailed = run_pytest(*args, "--vla-curtail", "--vla-results", str(tmp_path / "c.sqlite"))
+    full = run_pytest(*args, "--vla-results", str(tmp_path / "f.sqlite"))
+    assert "1 failed" in curtailed.stdout and "1 failed" in full.stdout
+    assert "0/2" in curtailed.stdout and "0/10" in full.stdout
+    assert 'name="episodes_saved" value="0"' in (tmp_path / "j.xml").read_text()  # the full run's file

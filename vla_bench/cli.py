@@ -80,6 +80,13 @@ class _GateRow:
         self.suite, self.task_id, self.checkpoint, self.gate, self.saved = suite, task_id, checkpoint, verdict, 0
 
 
+@command("collect", "scripted-expert demonstrations in LIBERO's HDF5 layout, from random resets")
+def collect(args) -> int:
+    from .collect import run_collect
+
+    return run_collect(args)
+
+
 @command("checkpoints", "list the entries of checkpoints.toml")
 def checkpoints(args) -> int:
     registry = _registry(args)
@@ -112,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--suite", default=None)
         if name == "tasks":
             p.add_argument("suite")
+        if name == "collect":
+            from .collect import add_collect_arguments
+
+            add_collect_arguments(p)
         if name == "gate":
             p.add_argument("baseline", help="baseline run: a name in --baselines or a .json path")
             p.add_argument("candidate", help="candidate run (saved with --vla-save): a name or a .json path")

@@ -34,24 +34,35 @@ class LiberoTaskEnv:
         self.env.seed(protocol.env_seed)
 
     def reset(self, init_index: int, seed: int) -> dict:
-        """Start the episode on init state `init_index` and step the protocol's wait steps.
-
-        LIBERO re-places fixtures (cabinet, stove) from the global NumPy RNG on every reset, and set_init_state
-        restores only qpos/qvel; seeding NumPy with the episode's seed right before the reset makes the scene a
-        function of (task, init state, seed) alone, whatever ran before in this process.
-        """
+        """Start the episode on init state `init_index` and step the protocol's wait steps."""
         if not 0 <= init_index < len(self.init_states):
             raise IndexError(f"{self.task.suite} {self.task.task_id} has {len(self.init_states)} init states, "
                              f"asked for {init_index}")
+        self._reset_scene(seed)
+        obs = self.env.set_init_state(self.init_states[init_index])
+        return self._wait(obs)
+
+    def reset_random(self, seed: int) -> tuple[dict, np.ndarray]:
+        """Start from LIBERO's own random placement (for demonstrations, never the evaluation init states);
+        returns the observation after the wait steps and the flattened sim state right after the reset."""
+        obs = self._reset_scene(seed)
+        return self._wait(obs), np.asarray(self.env.get_sim_state(), dtype=np.float64).copy()
+
+    def _reset_scene(self, seed: int) -> dict:
+        """LIBERO re-places fixtures (cabinet, stove) and, without an init state, the objects too, from the global
+        NumPy RNG on every reset, and set_init_state restores only qpos/qvel; seeding NumPy with the episode's seed
+        right before the reset makes the scene a function of (task, init state, seed) alone."""
         np.random.seed(seed)
-        self.env.reset()
+        obs = self.env.reset()
         # robosuite's soft reset (hard_reset=False) keeps the gripper's integrated command (`current_action`,
         # +-0.25 per step), so an episode that ended closed would start the next one half-closed. A hard reset
         # builds new gripper objects with it at zero: set that here so soft resets match the reference.
         for robot in self.env.env.robots:
             if getattr(robot, "gripper", None) is not None:
                 robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
-        obs = self.env.set_init_state(self.init_states[init_index])
+        return obs
+
+    def _wait(self, obs: dict) -> dict:
         for _ in range(self.protocol.wait_steps):  # objects start ~7 cm up and settle during these
             obs, _, _, _ = self.env.step(list(WAIT_ACTION))
         return self._observe(obs)

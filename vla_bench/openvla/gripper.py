@@ -15,11 +15,10 @@ def postprocess(actions, family: str) -> np.ndarray:
     """(..., 7) actions -> the same with the last dim in the family's gripper convention."""
     out = np.array(actions, dtype=np.float64, copy=True)
     if family == "libero":
-        g = 2.0 * out[..., -1] - 1.0
-        # the reference's sign() would give 0 (no command) for g = 0.5 exactly; no bin centre is 0.5, so decoded
-        # actions never hit it, and for other inputs a definite command is safer: 0.5 counts as open
-        g = np.where(g >= 0.0, 1.0, -1.0)
-        out[..., -1] = -g
+        # sign(2g - 1), then inverted; written as a comparison so that huge inputs cannot overflow. The reference's
+        # sign() would give 0 (no command) at g = 0.5 exactly; no bin centre is 0.5, so decoded actions never hit
+        # it, and for other inputs a definite command is safer: 0.5 counts as open
+        out[..., -1] = np.where(out[..., -1] >= 0.5, -1.0, 1.0)
     elif family == "bridge":
         pass
     else:

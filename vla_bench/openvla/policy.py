@@ -1,0 +1,112 @@
+"""The OpenVLA Policy: camera frames and instructions in, environment actions out, batched over env slots.
+
+Per suite family (the one table below): which observation key holds the frame, whether it needs LIBERO's 180-degree
+rotation, which gripper convention the actions go out in, and the default norm-stats key. The chain per step is the
+reference's: image chain (image.py) -> prompt (prompt.py) -> greedy 7 tokens (model.py) -> bin centres
+(action_tokenizer.py) -> unnormalize (normalization.py) -> gripper (gripper.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import VlaBenchError, choices
+from . import action_tokenizer, gripper, image, normalization
+from .prompt import build_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConvention:
+    image_key: str
+    flip: bool
+    gripper: str
+    unnorm_keys: tuple[str, ...]  # defaults tried in order when the entry sets no unnorm_key
+    center_crop: bool  # default when the entry does not say: the reference's LIBERO default, Bridge's requirement
+
+
+def suite_convention(suite: str) -> SuiteConvention:
+    if suite == "libero_demos":  # open-loop proxy on LIBERO HDF5 demos: frames are raw renders (upside down, as
+        # LIBERO's files store them), so the same 180-degree flip as in closed loop; actions in LIBERO's units
+        return SuiteConvention("image", flip=True, gripper="libero", unnorm_keys=(), center_crop=True)
+    if suite.startswith("libero"):  # closed loop: raw renders, reference key rule (suite, then suite_no_noops)
+        return SuiteConvention("agentview_image", flip=True, gripper="libero",
+                               unnorm_keys=(suite, f"{suite}_no_noops"), center_crop=True)
+    if suite.startswith("bridge"):
+        return SuiteConvention("image", flip=False, gripper="bridge", unnorm_keys=("bridge_orig",),
+                               center_crop=False)
+    raise VlaBenchError(f"suite {suite!r} has no OpenVLA convention; known: libero_* suites, libero_demos, bridge_v2")
+
+
+def resolve_unnorm_key(norm_stats: dict, requested: str | None, convention: SuiteConvention, where: str = "") -> str:
+    present = sorted(norm_stats)
+    if not present:
+        raise VlaBenchError(f"{where}the checkpoint has no norm stats (config.json norm_stats or "
+                            "dataset_statistics.json)")
+    if requested is not None:
+        if requested not in norm_stats:
+            raise VlaBenchError(f"{where}unnorm_key {requested!r} is not in the checkpoint's norm stats; "
+                                f"present: {choices(present)}")
+        return requested
+    for key in convention.unnorm_keys:
+        if key in norm_stats:
+            return key
+    if len(present) == 1:
+        return present[0]
+    tried = f" (tried {choices(convention.unnorm_keys)})" if convention.unnorm_keys else ""
+    raise VlaBenchError(f"{where}set unnorm_key: no default norm stats for this suite{tried}; "
+                        f"present: {choices(present)}")
+
+
+@dataclasses.dataclass
+class Inference:
+    actions: np.ndarray  # (B, 7) in the environment's convention
+    tokens: np.ndarray  # (B, 7) generated ids
+    frames: list[np.ndarray]  # the 224x224 frames the model saw (the reference records these as videos)
+    logits: object = None  # (B, 7, V) torch tensor when asked for
+
+
+class OpenVLAPolicy:
+    needs_images = True
+    needs_privileged = False
+
+    def __init__(self, base, suite: str, adapter: str | None = None, unnorm_key: str | None = None,
+                 center_crop: bool | None = None, prompt: str = "openvla", norm_stats: dict | None = None,
+                 where: str = ""):
+        self.base = base
+        self.adapter = adapter
+        self.convention = suite_convention(suite)
+        self.center_crop = self.convention.center_crop if center_crop is None else center_crop
+        self.prompt = prompt
+        stats = base.snapshot.norm_stats if norm_stats is None else norm_stats
+        self.unnorm_key = resolve_unnorm_key(stats, unnorm_key, self.convention, where)
+        self.stats = normalization.action_stats(stats, self.unnorm_key, where)
+
+    def reset(self, slot: int, seed: int) -> None:
+        """Nothing to reset: greedy decoding keeps no state between steps or episodes."""
+
+    def frame(self, observation: dict) -> np.ndarray:
+        return image.reference_chain(observation[self.convention.image_key], flip=self.convention.flip,
+                                     crop=self.center_crop, size=self.base.model.arch.image_size)
+
+    def infer(self, observations: Sequence[dict], instructions: Sequence[str], return_logits: bool = False
+              ) -> Inference:
+        model, tok = self.base.model, self.base.snapshot.tokenizer
+        frames = [self.frame(o) for o in observations]
+        pixels = image.to_pixel_values(frames, model.arch.timm_model_ids, model.arch.image_size)
+        prompts = [tok.encode(build_prompt(text, self.prompt)) for text in instructions]
+        with self.base.active(self.adapter):
+            out = self.base.generator.generate(pixels, prompts, max_new_tokens=len(self.stats["q01"]),
+                                               variant=self.adapter, return_logits=return_logits)
+        ids, logits = out if return_logits else (out, None)
+        ids = ids.cpu().numpy()
+        normalized = action_tokenizer.decode(ids, model.arch.action_vocab_size)
+        actions = normalization.unnormalize(normalized, self.stats["q01"], self.stats["q99"], self.stats["mask"])
+        return Inference(actions=gripper.postprocess(actions, self.convention.gripper), tokens=ids, frames=frames,
+                         logits=logits)
+
+    def act(self, observations: Sequence[dict], instructions: Sequence[str], slots: Sequence[int]) -> np.ndarray:
+        if not (len(observations) == len(instructions) == len(slots)):
+            raise ValueError("observations, instructions and slots must have the same length")
+        return self.infer(observations, instructions).actions

@@ -75,3 +75,21 @@ def test_curtailment_stops_once_the_threshold_verdict_is_fixed_and_keeps_the_ver
     assert "1 failed" in curtailed.stdout and "1 failed" in full.stdout
     assert "0/2" in curtailed.stdout and "0/10" in full.stdout
     assert 'name="episodes_saved" value="0"' in (tmp_path / "j.xml").read_text()  # the full run's file
+
+
+@pytest.mark.sim
+def test_real_rollouts_expert_against_itself_passes_and_against_a_30_point_degradation_fails(tmp_path):
+    """20 episodes of libero_spatial task 1: the expert's own baseline gates it as not worse, while the degraded
+    expert (30% fumbles by episode seed; 8 of these 20 seeds fumble) fails the paired McNemar gate."""
+    common = ["suites/libero_spatial", "-k", "task1", "--episodes", "20", "--vla-results", str(tmp_path / "r.sqlite"),
+              "--vla-baselines", str(tmp_path / "b"), "-rA"]
+    base = run_pytest(*common, "--checkpoint", "expert", "--vla-save", "expert-base")
+    assert (tmp_path / "b" / "expert-base.json").is_file(), base.stdout[-3000:]
+    same = run_pytest(*common, "--checkpoint", "expert", "--vla-compare", "expert-base")
+    assert "PASSED suites/libero_spatial/test_libero_spatial.py::test_task[task1-expert]" in same.stdout, \
+        same.stdout[-3000:]
+    assert "(20 resumed)" in same.stdout  # the same checkpoint's episodes are not run twice
+    worse = run_pytest(*common, "--checkpoint", "expert-fumbly", "--vla-compare", "expert-base")
+    assert "FAILED suites/libero_spatial/test_libero_spatial.py::test_task[task1-expert-fumbly]" in worse.stdout, \
+        worse.stdout[-3000:]
+    assert "gate FAIL" in worse.stdout and worse.returncode == 1

@@ -87,6 +87,13 @@ def collect(args) -> int:
     return run_collect(args)
 
 
+@command("finetune", "LoRA (or full) fine-tune an openvla entry on demonstrations -> a candidate entry")
+def finetune(args) -> int:
+    from .finetune.cli import run_finetune
+
+    return run_finetune(args)
+
+
 @command("checkpoints", "list the entries of checkpoints.toml")
 def checkpoints(args) -> int:
     registry = _registry(args)
@@ -123,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
             from .collect import add_collect_arguments
 
             add_collect_arguments(p)
+        if name == "finetune":
+            from .finetune.cli import add_finetune_arguments
+
+            add_finetune_arguments(p)
         if name == "gate":
             p.add_argument("baseline", help="baseline run: a name in --baselines or a .json path")
             p.add_argument("candidate", help="candidate run (saved with --vla-save): a name or a .json path")

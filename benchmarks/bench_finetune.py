@@ -1,0 +1,83 @@
+"""LoRA fine-tuning throughput and peak memory of the full OpenVLA-7B architecture (random weights) on one GPU, with
+the published recipe: LoRA r=32 alpha 16 on the published target set (110.8M trainable), AdamW lr 5e-4, bf16
+weights + autocast, micro-batch 16, gradient checkpointing; the trainer's own forward (vla_bench/finetune/train.py).
+
+    .venv/bin/python -m pytest benchmarks/bench_finetune.py --benchmark-only
+
+Anchor (issue 6): 0.25 s per sample, 18 GB on an RTX 4090 (effective batch 16); target on one H100: >= 40
+samples/s at <= 24 GB peak. The figures are in the benchmark's extra_info (samples_per_s, peak_gib). Skips without
+CUDA.
+"""
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BATCH = 16
+PROMPT_TOKENS = 24  # BOS + a LIBERO instruction in the OpenVLA prompt is ~20-30 Llama-2 tokens
+CONFIG = {"timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+          "image_sizes": [224, 224], "arch_specifier": "no-align+fused-gelu-mlp", "use_fused_vision_backbone": True,
+          "text_config": {"model_type": "llama", "pad_token_id": 32000, "vocab_size": 32064}}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from vla_bench.finetune.collate import IGNORE_INDEX
+    from vla_bench.finetune.train import ActionModel, TrainConfig, add_lora
+    from vla_bench.openvla.model import Arch, OpenVLA
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # frozen base in bf16, as the reference loads it
+    try:
+        with device:
+            vla = OpenVLA(Arch.from_config(CONFIG))
+    finally:
+        torch.set_default_dtype(default)
+    cfg = TrainConfig(base="random", out="unused", unnorm_key="x", gradient_checkpointing=True)
+    peft_model = add_lora(vla, cfg, "random")
+    vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vla.vision_backbone.featurizer.set_grad_checkpointing(True)
+    vla.vision_backbone.fused_featurizer.set_grad_checkpointing(True)
+    vla.train()
+    model = ActionModel(vla).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-4)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    input_ids = torch.randint(3, 31744, (BATCH, PROMPT_TOKENS + 8), generator=g)
+    input_ids[:, 0] = 1
+    input_ids[:, -8:-1] = torch.randint(31744, 32000, (BATCH, 7), generator=g)
+    input_ids[:, -1] = 2
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, -8:] = input_ids[:, -8:]
+    batch = (torch.randn(BATCH, 6, 224, 224, generator=g).to(device), input_ids.to(device), labels.to(device))
+    return model, optimizer, batch, sum(p.numel() for p in params), peft_model
+
+
+def test_lora_r32_microbatch16_samples_per_second(benchmark, setup):
+    model, optimizer, (pixels, ids, labels), trainable, _ = setup
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = model(pixels, ids, labels, 7)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+
+    for _ in range(2):  # warm-up: kernels, optimizer state allocation
+        step()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    benchmark.pedantic(step, rounds=8, iterations=1)
+    seconds = benchmark.stats.stats.mean
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    benchmark.extra_info.update({"samples_per_s": BATCH / seconds, "seconds_per_step": seconds, "peak_gib": peak,
+                                 "trainable_params": trainable, "micro_batch": BATCH,
+                                 "gpu": torch.cuda.get_device_name(), "wall_s": time.perf_counter() - t0})
+    print(f"\nOpenVLA-7B LoRA r=32, micro-batch {BATCH}, grad ckpt: {BATCH / seconds:.1f} samples/s, "
+          f"{seconds:.3f} s/step, peak {peak:.1f} GiB, {trainable / 1e6:.1f}M trainable")
+    assert trainable == 110_828_288

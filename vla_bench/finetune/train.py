@@ -1,0 +1,549 @@
+"""The fine-tuning loop: an OpenVLA snapshot + training examples -> a LoRA adapter (or a full fine-tune), with the
+published recipe's defaults (OPENVLA.md §5): LoRA r=32, alpha=min(r, 16), dropout 0, gaussian init, on every linear
+layer (the module set the published run wrapped), AdamW lr 5e-4 constant, micro-batch 16, loss on the action tokens
+(+ EOS), random-crop + colour-jitter augmentation.
+
+`train(config, train_set, val_set, norm_stats)` reads top to bottom: distributed setup, model, data order,
+optimizer, resume, the loop (accumulate, step, log, evaluate, checkpoint), outputs. The same code runs in one process
+or under `torchrun` / `accelerate launch` (DDP; the env vars they set are all it looks at).
+
+Determinism: the example order is a seeded permutation per epoch over an endless stream of positions, and each
+example's augmentation is drawn from a generator seeded by (seed, stream position); the global RNG (LoRA dropout)
+is saved in every checkpoint. A run resumed after a kill therefore sees the same batches with the same augmentations
+and continues the same loss curve (bit-identical on CPU; on GPU up to kernel non-determinism).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..openvla.action_tokenizer import BIN_CENTERS
+from .collate import IGNORE_INDEX, ActionBatch, Collator
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    base: str  # snapshot dir in the published layout
+    out: str  # run folder
+    unnorm_key: str
+    # LoRA or full fine-tune
+    lora: bool = True
+    lora_rank: int = 32
+    lora_alpha: float | None = None  # None: min(rank, 16), the published rule
+    lora_dropout: float = 0.0
+    lora_target: str = "published"  # published | all-linear | llm | comma-separated module names
+    lora_init: str = "gaussian"
+    # optimisation
+    max_steps: int = 1000
+    batch_size: int = 16  # per process (micro-batch); global = batch_size * world * grad_accum
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01  # torch's AdamW default, which the reference keeps
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    max_grad_norm: float | None = None  # the reference does not clip
+    # precision and memory
+    device: str = "auto"
+    bf16: bool | None = None  # None: bf16 autocast (and bf16 frozen base weights for LoRA) on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    # data
+    image_aug: bool = True
+    eos_loss: bool = True
+    prompt: str = "openvla"
+    # loop
+    seed: int = 7
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 1
+    progress: bool = True
+    merge: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Examples:
+    """Training examples held as arrays: frames at the model's size after the training-side image chain, the
+    instruction of each example (an index into `instructions`) and its raw action (training convention)."""
+    frames: np.ndarray  # (N, S, S, 3) uint8, may be a np.memmap
+    instruction_index: np.ndarray  # (N,) int
+    instructions: list[str]
+    actions: np.ndarray  # (N, 7) float32
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def batch(self, indices) -> tuple[np.ndarray, list[str], np.ndarray]:
+        idx = np.asarray(indices)
+        order = np.argsort(idx, kind="stable")  # sorted reads are kinder to a memmap; results go back in order
+        frames = np.empty((len(idx),) + self.frames.shape[1:], np.uint8)
+        frames[order] = self.frames[idx[order]]
+        return frames, [self.instructions[i] for i in self.instruction_index[idx]], self.actions[idx]
+
+
+def _prepare_range(data, start: int, stop: int, path: str, shape: tuple, size: int) -> None:
+    """Worker: frames [start, stop) of `data` through the training-side image chain into the memmap at `path`."""
+    from ..openvla.image import reference_chain
+
+    frames = np.lib.format.open_memmap(path, mode="r+")
+    for i in range(start, stop):
+        # upright frames (data.py rotates LIBERO's renders); JPEG + lanczos as the RLDS frames were made; no crop:
+        # the random crop is the augmentation's, and evaluation center-crops
+        frames[i] = reference_chain(data[i]["image"], flip=False, crop=False, size=size)
+    frames.flush()
+
+
+def prepare_examples(data, size: int, cache: str | os.PathLike, workers: int = 0) -> Examples:
+    """A finetune.data.TrainingData -> Examples, its frames prepared once into a .npy memmap at `cache` (reused
+    when complete: a resumed run does not redo it). `workers` > 0 spreads the JPEG + resize work over spawned
+    processes (spawn, not fork: the parent has torch's thread pools running)."""
+    cache = Path(cache)
+    n = len(data)
+    shape = (n, size, size, 3)
+    done = cache.with_suffix(".done")
+    if not (done.is_file() and done.read_text().strip() == str(n)):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=shape).flush()
+        if workers > 0 and n > 64:
+            import multiprocessing as mp
+
+            bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
+            with mp.get_context("spawn").Pool(workers) as pool:
+                pool.starmap(_prepare_range, [(data, int(a), int(b), str(cache), shape, size)
+                                              for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+        else:
+            _prepare_range(data, 0, n, str(cache), shape, size)
+        done.write_text(f"{n}\n")
+    instructions = sorted({t.instruction for t in data.trajectories})
+    lookup = {t: i for i, t in enumerate(instructions)}
+    index = np.concatenate([np.full(len(t), lookup[t.instruction], np.int64) for t in data.trajectories])
+    return Examples(np.load(cache, mmap_mode="r"), index, instructions, data.actions().astype(np.float32))
+
+
+# ---- the model with a training forward ----------------------------------------------------------------------------
+class ActionModel(nn.Module):
+    """OpenVLA (model.OpenVLA, possibly with LoRA layers inside) with the training forward: patches spliced after
+    BOS as in the reference, causal attention over right-padded rows, and the LM head run only at the positions
+    that predict a label, so the (B, L, 32064) logits of every prompt position are never materialized."""
+
+    def __init__(self, vla):
+        super().__init__()
+        self.vla = vla
+        self.register_buffer("bin_centers", torch.tensor(BIN_CENTERS, dtype=torch.float32), persistent=False)
+
+    def forward(self, pixel_values, input_ids, labels, n_action: int):
+        vla = self.vla
+        patches = vla.projector(vla.vision_backbone(pixel_values.to(vla.dtype)))
+        text = vla.language_model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
+        hidden = vla.language_model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        # text token j >= 1 sits at column j + P - 1 + 1; the column before it predicts it
+        rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        logits = vla.language_model.lm_head(hidden[rows, cols + patches.shape[1]]).float()
+        targets = labels[:, 1:][rows, cols]
+        loss = F.cross_entropy(logits, targets)
+        with torch.no_grad():  # the reference's metrics, on the action tokens only (EOS excluded)
+            b = input_ids.shape[0]
+            pred = logits.argmax(-1).view(b, -1)[:, :n_action]
+            gt = targets.view(b, -1)[:, :n_action]
+            vocab = vla.arch.action_vocab_size
+            decode = lambda ids: self.bin_centers[(vocab - ids - 1).clamp(0, len(self.bin_centers) - 1)]
+            metrics = torch.stack([loss.detach() * b, (pred == gt).sum().float(),
+                                   (decode(pred) - decode(gt)).abs().sum(), torch.tensor(float(b), device=loss.device),
+                                   torch.tensor(float(gt.numel()), device=loss.device)])
+        return loss, metrics  # metrics: [loss*B, correct, l1 sum, B, action tokens]
+
+
+def summarize(m: torch.Tensor) -> dict[str, float]:
+    loss_sum, correct, l1, n, tokens = m.tolist()
+    return {"loss": loss_sum / n, "accuracy": correct / tokens, "l1": l1 / tokens}
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------------
+def lora_targets(vla, target: str) -> list[str]:
+    """peft target_modules for a target spec. "published": what peft 0.11's "all-linear" wrapped in the reference
+    run: the last name component of every nn.Linear, suffix-matched, which also catches the patch-embedding Conv2d
+    layers (".proj") and lm_head (OPENVLA.md §5). "all-linear": every nn.Linear, by full name (current peft's rule
+    for a model that is not a transformers PreTrainedModel). "llm": the Llama projections only."""
+    if target == "published":
+        return sorted({name.rsplit(".", 1)[-1] for name, m in vla.named_modules() if isinstance(m, nn.Linear)})
+    if target == "all-linear":
+        return sorted(name for name, m in vla.named_modules() if isinstance(m, nn.Linear))
+    if target == "llm":
+        return sorted(name for name, m in vla.language_model.model.named_modules() if isinstance(m, nn.Linear)
+                      for name in ["language_model.model." + name])
+    return [t.strip() for t in target.split(",") if t.strip()]
+
+
+def add_lora(vla, cfg: TrainConfig, base_path: str):
+    from peft import LoraConfig, get_peft_model
+
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else min(cfg.lora_rank, 16)
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=lora_targets(vla, cfg.lora_target),
+                        init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init)
+    peft_model = get_peft_model(vla, config)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
+    return peft_model
+
+
+def build_model(cfg: TrainConfig, device, world_rank: int = 0):
+    """(snapshot, vla module, peft model or None): the base loaded from cfg.base, LoRA added with cfg.seed."""
+    from ..openvla.checkpoint import load_snapshot
+
+    bf16 = use_bf16(cfg, device)
+    # LoRA keeps the frozen base in bf16 on GPU as the reference does; a full fine-tune trains fp32 master weights
+    dtype = "bfloat16" if (bf16 and cfg.lora) else "float32"
+    snap = load_snapshot(cfg.base, dtype=dtype, device=str(device))
+    vla = snap.model
+    torch.manual_seed(cfg.seed)  # the LoRA init (same on every rank, so DDP starts from one model)
+    peft_model = None
+    if cfg.lora:
+        peft_model = add_lora(vla, cfg, cfg.base)
+    else:
+        vla.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vla.vision_backbone.featurizer.set_grad_checkpointing(True)
+        if hasattr(vla.vision_backbone, "fused_featurizer"):
+            vla.vision_backbone.fused_featurizer.set_grad_checkpointing(True)
+    vla.train()
+    return snap, vla, peft_model
+
+
+def use_bf16(cfg: TrainConfig, device) -> bool:
+    return (device.type == "cuda") if cfg.bf16 is None else bool(cfg.bf16)
+
+
+# ---- data order ---------------------------------------------------------------------------------------------------
+class Stream:
+    """An endless, seeded stream of example indices: epoch e is a permutation seeded by (seed, e). Stream position
+    p of micro-step m on rank r is m * global + r * batch + i, so any step's batch is known without replaying."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, np.int64)
+        for k, p in enumerate(range(start, start + count)):
+            epoch = p // self.n
+            if epoch != self._epoch:
+                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+                self._perm, self._epoch = torch.randperm(self.n, generator=gen).numpy(), epoch
+            out[k] = self._perm[p % self.n]
+        return out
+
+
+def augment_params(cfg_aug, seed: int, positions) -> torch.Tensor:
+    from .augment import sample_params
+
+    gens = (torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1, int(p)]).generate_state(1)[0]))
+            for p in positions)
+    return torch.stack([sample_params(cfg_aug, g) for g in gens])
+
+
+def make_batch(collator: Collator, examples: Examples, indices, device, aug_seed: int | None = None,
+               positions=None) -> ActionBatch:
+    frames, instructions, actions = examples.batch(indices)
+    params = None
+    if aug_seed is not None and collator.augment is not None:
+        params = augment_params(collator.augment, aug_seed, positions)
+    return collator(frames, instructions, actions, params, device)
+
+
+# ---- distributed --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_opt: str) -> tuple[Dist, torch.device]:
+    """torchrun / accelerate launch set WORLD_SIZE, RANK and LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    from ..openvla.checkpoint import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_opt)
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_opt)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+def all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def wrap_ddp(module: nn.Module, d: Dist, device) -> nn.Module:
+    if d.world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # unused parameters exist by design: the last ViT block and SigLIP's MAP head (the reference's setting too)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+               gradient_as_bucket_view=True)
+
+
+# ---- schedule and checkpoints -------------------------------------------------------------------------------------
+def lr_lambda(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, keep: int) -> Path:
+    """Write checkpoints/step-N atomically (a temp dir renamed into place, then the `latest` pointer replaced), so
+    a kill at any moment leaves the previous checkpoint usable."""
+    from safetensors.torch import save_file
+
+    root = out / "checkpoints"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               tmp / "state.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
+    final = root / f"step-{step:08d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out: Path, module, optimizer, scheduler) -> int:
+    """Restore the latest checkpoint into module/optimizer/scheduler/RNG; returns its step (0 when none)."""
+    from safetensors.torch import load_file
+
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return 0
+    folder = out / "checkpoints" / pointer.read_text().strip()
+    params = dict(module.named_parameters())
+    for name, value in load_file(str(folder / "trainable.safetensors")).items():
+        with torch.no_grad():
+            params[name].copy_(value)
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(json.loads((folder / "step.json").read_text())["step"])
+
+
+def trim_log(path: Path, step: int) -> None:
+    """After a resume from step N, drop the killed run's records past N: the log stays one curve."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, collator, examples: Examples, cfg: TrainConfig, d: Dist, device, autocast) -> dict | None:
+    """Loss, action-token accuracy and L1 over the first eval_batches global batches of a fixed order, without
+    augmentation; every rank takes its share and the sums are all-reduced."""
+    if examples is None or len(examples) == 0:
+        return None
+    model.eval()
+    order = np.arange(len(examples))
+    per = cfg.batch_size * d.world
+    total = torch.zeros(5, device=device)
+    for b in range(min(cfg.eval_batches, math.ceil(len(order) / per))):
+        idx = order[b * per:(b + 1) * per][d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
+        if len(idx) == 0:
+            continue
+        batch = make_batch(collator, examples, idx, device)
+        with autocast():
+            _, m = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action)
+        total += m
+    model.train()
+    return summarize(all_reduce(total, d))
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_stats: Mapping[str, Any],
+          extra_config: Mapping[str, Any] | None = None) -> dict:
+    """Run (or resume) a fine-tune into cfg.out; returns {"out", "adapter" or "model", "merged", "final"}."""
+    from ..openvla.checkpoint import write_dataset_statistics, write_snapshot
+    from ..openvla.normalization import action_stats
+    from . import augment, plots
+
+    d, device = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    log_path = out / "log.jsonl"
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_dataset_statistics(out, norm_stats)
+        run_config = {"train": cfg.to_json(), "world_size": d.world,
+                      "global_batch": cfg.batch_size * d.world * cfg.grad_accum,
+                      "examples": {"train": len(train_set), "val": len(val_set) if val_set is not None else 0},
+                      **dict(extra_config or {})}
+        (out / "train_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+
+    snap, vla, peft_model = build_model(cfg, device, d.rank)
+    collator = Collator(snap.tokenizer, vla.arch, action_stats(norm_stats, cfg.unnorm_key), prompt=cfg.prompt,
+                        eos_loss=cfg.eos_loss, augment=augment.PUBLISHED if cfg.image_aug else None)
+    module = ActionModel(vla).to(device)
+    model = wrap_ddp(module, d, device)
+    bf16 = use_bf16(cfg, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else \
+        (lambda: torch.autocast(device.type, enabled=False))
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    step = load_checkpoint(out, module, optimizer, scheduler)
+    if d.main:
+        trim_log(log_path, step)
+
+    stream = Stream(len(train_set), cfg.seed)
+    per_micro = cfg.batch_size * d.world  # stream positions consumed by one micro-step across ranks
+    running = torch.zeros(5, device=device)
+    if step == 0:  # the base's held-out figures, before any update: where the curve starts
+        val = evaluate(model, collator, val_set, cfg, d, device, autocast)
+        if d.main and val is not None:
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": 0, **{f"val/{k}": v for k, v in val.items()}}) + "\n")
+    progress = _progress(cfg, d, step)
+    started, start_step = time.monotonic(), step
+    try:
+        while step < cfg.max_steps:
+            for micro in range(cfg.grad_accum):
+                first = (step * cfg.grad_accum + micro) * per_micro + d.rank * cfg.batch_size
+                positions = np.arange(first, first + cfg.batch_size)
+                batch = make_batch(collator, train_set, stream.indices(first, cfg.batch_size), device,
+                                   cfg.seed if cfg.image_aug else None, positions)
+                sync = micro == cfg.grad_accum - 1 or d.world == 1
+                with (model.no_sync() if not sync else _nullcontext()), autocast():
+                    loss, m = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action)
+                (loss / cfg.grad_accum).backward()
+                running += m
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            final = step == cfg.max_steps
+            if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or final:
+                record = {"step": step, "lr": lr, "samples": step * cfg.grad_accum * per_micro,
+                          **{f"train/{k}": v for k, v in summarize(all_reduce(running, d)).items()}}
+                running.zero_()
+                if step % cfg.eval_every == 0 or final:
+                    val = evaluate(model, collator, val_set, cfg, d, device, autocast)
+                    record.update({f"val/{k}": v for k, v in (val or {}).items()})
+                record["seconds"] = time.monotonic() - started
+                if d.main:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress.update(progress.task_ids[0], completed=step,
+                                    description=f"loss {record['train/loss']:.3f} acc {record['train/accuracy']:.2f}")
+            elif progress is not None:
+                progress.update(progress.task_ids[0], completed=step)
+            if step % cfg.save_every == 0 and step < cfg.max_steps and d.main:
+                save_checkpoint(out, step, module, optimizer, scheduler, cfg.keep_checkpoints)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+    result: dict[str, Any] = {"out": str(out), "steps": step - start_step}
+    if d.main:
+        lines = log_path.read_text().splitlines() if log_path.is_file() else []
+        result["final"] = json.loads(lines[-1]) if lines else {}
+        if peft_model is not None:
+            adapter = out / "adapter"
+            peft_model.save_pretrained(str(adapter), save_embedding_layers=False)
+            write_dataset_statistics(adapter, norm_stats)  # the kind reads a fine-tune's stats next to the adapter
+            result["adapter"] = str(adapter)
+            if cfg.merge:
+                merged = peft_model.merge_and_unload()
+                stats = {**snap.norm_stats, **norm_stats}
+                write_snapshot(out / "merged", merged, stats, cfg.base)
+                write_dataset_statistics(out / "merged", norm_stats)
+                result["merged"] = str(out / "merged")
+        else:
+            write_snapshot(out / "model", vla, {**snap.norm_stats, **norm_stats}, cfg.base)
+            write_dataset_statistics(out / "model", norm_stats)
+            result["model"] = str(out / "model")
+        plots.plot_curves(log_path, out / "curves.png")
+        result["plot"] = str(out / "curves.png")
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(cfg: TrainConfig, d: Dist, step: int):
+    if not (cfg.progress and d.main):
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    progress = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.description}"), transient=False)
+    progress.add_task("", total=cfg.max_steps, completed=step)
+    progress.start()
+    return progress

@@ -10,6 +10,12 @@ obs["scene"]. The result crosses a process pipe, so it holds only plain Python a
   joint positions, and the truth value of each goal predicate. Fixtures are re-placed on every reset through
   `model.body_pos`, so their geoms' world poses are part of the dynamic read as well.
 
+Keys: goal (BDDL goal predicates, lower case), goal_done (each one's truth now), names / is_fixture / classes (the
+entities: objects then fixtures), pos / mat (their body poses), geom_owner / geom_body / geom_pos / geom_mat /
+geom_half / geom_type (collision geoms of entities), sites (region sites: pos, mat, half, parent), site_joints
+(region -> its drawer's joints), articulations (slide/hinge joints: qpos, world axis and anchor, body, owner),
+articulation_ranges (an entity's open/close/turn-on qpos ranges), joints (qpos per entity), robot_base.
+
 Conventions: positions in metres in the world frame; rotations as 3x3 matrices (no quaternion order to get wrong);
 a geom's shape is an oriented box: centre `geom_pos`, axes the columns of `geom_mat`, half extents `geom_half`.
 Works with robosuite 1.4 on mujoco 2.3 and mujoco 3.x, through `sim.model` / `sim.data` only.
@@ -51,6 +57,13 @@ def describe_scene(env) -> dict:
     scene["sites"] = sites
 
     scene["joints"] = {name: [float(data.qpos[a]) for a in addrs] for name, addrs in static["joint_addrs"].items()}
+    # articulations (drawers, doors, knobs): where each joint is and which way it moves, in the world frame
+    arts = {}
+    for jname, (jid, addr, body, kind, owner, rng) in static["articulations"].items():
+        arts[jname] = {"qpos": float(data.qpos[addr]), "axis": np.array(data.xaxis[jid], dtype=np.float64),
+                       "anchor": np.array(data.xanchor[jid], dtype=np.float64), "body": body, "type": kind,
+                       "owner": owner, "range": rng}
+    scene["articulations"] = arts
     scene["goal_done"] = [_eval_predicate(inner, p) for p in static["public"]["goal"]]
     return scene
 
@@ -120,6 +133,29 @@ def _build_static(inner) -> dict:
         size = np.resize(size, 3)
         sites[name] = (sid, size, getattr(site, "parent_name", None))
 
+    articulations, site_joints = {}, {}
+    for name in fixtures + objects:
+        for j in [j for j in (getattr(inner.get_object(name), "joints", None) or []) if isinstance(j, str)]:
+            try:
+                jid = model.joint_name2id(j)
+            except Exception:
+                continue
+            if model.jnt_type[jid] in (2, 3):  # slide or hinge
+                articulations[j] = (jid, int(model.jnt_qposadr[jid]), int(model.jnt_bodyid[jid]),
+                                    "slide" if model.jnt_type[jid] == 2 else "hinge", name,
+                                    np.array(model.jnt_range[jid], dtype=np.float64))
+    for name, site in getattr(inner, "object_sites_dict", {}).items():
+        js = [j for j in (getattr(site, "joints", None) or []) if isinstance(j, str) and j in articulations]
+        if js:
+            site_joints[name] = js
+    ranges = {}
+    for name in fixtures + objects:
+        props = getattr(inner.get_object(name), "object_properties", {}) or {}
+        art = props.get("articulation", {}) if isinstance(props, dict) else {}
+        r = {k: [float(x) for x in v] for k, v in art.items() if k.endswith("_ranges")}
+        if r:
+            ranges[name] = r
+
     joint_addrs = {}
     for name in fixtures + objects:
         obj = inner.get_object(name)
@@ -151,11 +187,14 @@ def _build_static(inner) -> dict:
         "geom_half": np.asarray(halves, dtype=np.float64).reshape(-1, 3),
         "geom_type": np.asarray(types, dtype=np.int64),
         "robot_base": base,
+        "geom_body": np.asarray(model.geom_bodyid[np.asarray(geom_ids, dtype=np.int64)], dtype=np.int64),
+        "site_joints": site_joints,
+        "articulation_ranges": ranges,  # e.g. {"wooden_cabinet_1": {"default_open_ranges": [-0.16, -0.14]}}
     }
     return {"public": public, "entity_body": np.array([inner.obj_body_id[n] for n in names], dtype=np.int64),
             "geom_ids": np.asarray(geom_ids, dtype=np.int64),
             "geom_offset": np.asarray(offsets, dtype=np.float64).reshape(-1, 3),
-            "sites": sites, "joint_addrs": joint_addrs}
+            "sites": sites, "joint_addrs": joint_addrs, "articulations": articulations}
 
 
 def _local_box(model, gid, t, aabb):

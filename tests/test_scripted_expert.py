@@ -1,0 +1,391 @@
+"""Unit tests of the scripted expert's parts that can break: grasp-side geometry, the yaw-sign choice, the phase
+machine on synthetic observations, and the degraded options' reproducibility. The closed-loop rollout tests (the
+expert passes a real LIBERO task, a negative control fails it) live with the rollout tests."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vla_bench.errors import VlaBenchError
+from vla_bench.policies import scripted
+from vla_bench.policies.scripted import (
+    R_DOWN, ScriptedExpert, axis_angle, choose_grasp, choose_yaw, gripper_clearance, hand_yaw, rot_z, wrap,
+    yaw_for_axis,
+)
+
+ROBOT_BASE = np.array([-0.66, 0.0, 0.912])
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _subprocess_env():
+    env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# ---- a synthetic scene in describe_scene's format -------------------------------------------------------------
+def _rot_about(axis, angle):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
+
+
+def bowl_boxes(centre):
+    """A bowl like LIBERO's akita_black_bowl: a 16-box wall ring at r = 0.047 (top 0.0525 above the base) and a
+    floor box."""
+    boxes = []
+    for k in range(16):
+        a = 2 * math.pi * k / 16
+        c = np.asarray(centre, float) + [0.047 * math.cos(a), 0.047 * math.sin(a), 0.0335]
+        boxes.append((c, rot_z(a), np.array([0.001, 0.009, 0.019])))
+    boxes.append((np.asarray(centre, float) + [0, 0, 0.005], np.eye(3), np.array([0.02, 0.02, 0.004])))
+    return boxes
+
+
+def make_scene(entities, goal):
+    """entities: list of (name, is_fixture, origin, boxes)."""
+    names, fixture, pos, owner, gpos, gmat, ghalf = [], [], [], [], [], [], []
+    for idx, (name, is_fix, origin, boxes) in enumerate(entities):
+        names.append(name)
+        fixture.append(is_fix)
+        pos.append(np.asarray(origin, float))
+        for c, m, h in boxes:
+            owner.append(idx)
+            gpos.append(c)
+            gmat.append(m)
+            ghalf.append(h)
+    n = len(names)
+    return {
+        "goal": goal, "goal_done": [False] * len(goal), "names": names,
+        "is_fixture": np.array(fixture), "classes": ["X"] * n,
+        "pos": np.array(pos), "mat": np.repeat(np.eye(3)[None], n, axis=0),
+        "geom_owner": np.array(owner), "geom_pos": np.array(gpos), "geom_mat": np.array(gmat),
+        "geom_half": np.array(ghalf), "geom_type": np.full(len(owner), 6),
+        "robot_base": ROBOT_BASE.copy(), "sites": {}, "joints": {},
+    }
+
+
+def spatial_scene(bowl=(-0.05, 0.1, 0.898), plate=(0.06, 0.2, 0.902), extra=()):
+    ents = [("akita_black_bowl_1", False, bowl, bowl_boxes(bowl)),
+            ("plate_1", False, plate, [(np.asarray(plate, float) + [0, 0, 0.004], np.eye(3),
+                                        np.array([0.07, 0.07, 0.008]))])]
+    ents += list(extra)
+    return make_scene(ents, [["on", "akita_black_bowl_1", "plate_1"]])
+
+
+def obs_at(eef, scene, yaw=0.0, width=0.08, q7=0.77):
+    R = rot_z(yaw) @ R_DOWN
+    w, x, y, z = _mat_to_wxyz(R)
+    return {"robot0_eef_pos": np.asarray(eef, float), "robot0_eef_quat": np.array([x, y, z, w]),
+            "robot0_gripper_qpos": np.array([width / 2, -width / 2]),
+            "robot0_joint_pos": np.array([0, 0, 0, -2.4, 0, 2.2, q7]), "scene": scene}
+
+
+def _mat_to_wxyz(R):
+    """Shepperd's method: divide by the largest of the four quaternion components, so a half turn is exact."""
+    t = np.trace(R)
+    if t > 0:
+        w = math.sqrt(1 + t) / 2
+        return w, (R[2, 1] - R[1, 2]) / (4 * w), (R[0, 2] - R[2, 0]) / (4 * w), (R[1, 0] - R[0, 1]) / (4 * w)
+    i = int(np.argmax(np.diag(R)))
+    j, k = (i + 1) % 3, (i + 2) % 3
+    q = np.zeros(4)
+    q[i + 1] = math.sqrt(max(0.0, 1 + R[i, i] - R[j, j] - R[k, k])) / 2
+    q[0] = (R[k, j] - R[j, k]) / (4 * q[i + 1])
+    q[j + 1] = (R[j, i] + R[i, j]) / (4 * q[i + 1])
+    q[k + 1] = (R[k, i] + R[i, k]) / (4 * q[i + 1])
+    return tuple(q)
+
+
+def test_synthetic_quaternions_round_trip():
+    for yaw in np.linspace(-3, 3, 7):
+        R = rot_z(yaw) @ R_DOWN
+        w, x, y, z = _mat_to_wxyz(R)
+        assert np.allclose(scripted.quat_xyzw_to_mat([x, y, z, w]), R, atol=1e-9)
+
+
+# ---- rotations ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("angle", [0.0, 1e-4, 0.3, 1.5, 3.0, math.pi - 1e-4])
+def test_axis_angle_inverts_rodrigues_for_any_axis(angle):
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        got = axis_angle(_rot_about(axis, angle))
+        assert np.allclose(got, axis * angle, atol=1e-5)
+
+
+def test_yaw_for_axis_puts_the_finger_axis_along_the_direction():
+    for ang in np.linspace(-math.pi, math.pi, 17):
+        u = np.array([math.cos(ang), math.sin(ang)])
+        yaw = yaw_for_axis(u)
+        finger_axis = (rot_z(yaw) @ R_DOWN)[:2, 1]
+        assert abs(abs(float(finger_axis @ u)) - 1.0) < 1e-9
+        assert abs(wrap(hand_yaw(rot_z(yaw) @ R_DOWN) - yaw)) < 1e-9
+
+
+def test_choose_yaw_takes_the_smaller_turn_when_joint7_is_far_from_its_limits():
+    eef = np.array([-0.2, 0.0])
+    yaw = choose_yaw(0.3, 0.0, q7=0.77, base_xy=ROBOT_BASE[:2], eef_xy=eef, target_xy=eef)
+    assert abs(wrap(yaw - 0.3)) < 1e-9
+    yaw = choose_yaw(0.3 + math.pi, 0.0, q7=0.77, base_xy=ROBOT_BASE[:2], eef_xy=eef, target_xy=eef)
+    assert abs(wrap(yaw - 0.3)) < 1e-9
+
+
+def test_choose_yaw_keeps_joint7_inside_its_limit_for_a_far_left_target():
+    # the base turns ~+35 deg to reach far left; with q7 already high, the yaw that also turns q7 up must lose
+    eef, target = np.array([-0.2, 0.0]), np.array([-0.2, 0.33])
+    b = math.atan2(0.33, 0.46)
+    for axis_yaw in (-math.pi / 2 + 0.2, math.pi / 2 + 0.2):
+        yaw = choose_yaw(axis_yaw, 0.0, q7=2.3, base_xy=ROBOT_BASE[:2], eef_xy=eef, target_xy=target)
+        q7_pred = 2.3 + b - wrap(yaw - 0.0)
+        assert abs(q7_pred) < scripted.Q7_LIMIT - 0.35
+
+
+# ---- grasp-side geometry --------------------------------------------------------------------------------------
+def _rim_candidates(centre, z):
+    out = []
+    for k in range(8):
+        a = k * math.pi / 4
+        u = np.array([math.cos(a), math.sin(a), 0.0])
+        out.append((np.array([centre[0], centre[1], z]) + 0.047 * u, u, u))
+    return out
+
+
+def _boxes(*specs):
+    c = np.array([s[0] for s in specs], float)
+    m = np.repeat(np.eye(3)[None], len(specs), axis=0)
+    h = np.array([s[1] for s in specs], float)
+    return c, m, h
+
+
+def test_gripper_clearance_is_zero_in_contact_and_grows_with_distance():
+    point, axis = np.array([0.0, 0.0, 0.95]), np.array([1.0, 0.0, 0.0])
+    touching = _boxes(((0.05, 0.0, 0.95), (0.01, 0.01, 0.02)))
+    assert gripper_clearance(point, axis, *touching) == 0.0
+    near = gripper_clearance(point, axis, *_boxes(((0.15, 0.0, 0.95), (0.01, 0.01, 0.02))))
+    far = gripper_clearance(point, axis, *_boxes(((0.30, 0.0, 0.95), (0.01, 0.01, 0.02))))
+    assert 0.0 < near < far
+
+
+def test_free_bowl_is_grasped_on_the_side_facing_the_robot():
+    cands = _rim_candidates((0.0, 0.1), 0.93)
+    toward = np.array([-1.0, 0.0, 0.0])
+    k = choose_grasp(cands, _boxes(), toward)
+    assert np.allclose(cands[k][2][:2], [-1.0, 0.0])
+
+
+def test_grasp_side_avoids_a_neighbour():
+    # a ramekin-sized block right next to the bowl on the robot side: that side (and its diagonals) must lose
+    cands = _rim_candidates((0.0, 0.1), 0.93)
+    obstacle = _boxes(((-0.12, 0.1, 0.92), (0.04, 0.04, 0.025)))
+    k = choose_grasp(cands, obstacle, np.array([-1.0, 0.0, 0.0]))
+    assert cands[k][2][0] > -0.5
+
+
+def test_grasp_side_in_a_drawer_is_along_its_open_axis():
+    # drawer side walls close on +-y: only the +-x sides leave room for the outer finger
+    cands = _rim_candidates((0.0, 0.0), 1.08)
+    walls = _boxes(((0.0, 0.075, 1.08), (0.12, 0.005, 0.04)), ((0.0, -0.075, 1.08), (0.12, 0.005, 0.04)))
+    k = choose_grasp(cands, walls, np.array([-1.0, 0.0, 0.0]))
+    assert abs(cands[k][2][1]) < 1e-9
+    assert choose_grasp(cands, walls, np.array([-1.0, 0.0, 0.0]), exclude={k}) is not None
+
+
+# ---- the phase machine on synthetic observations ------------------------------------------------------------
+def _run_until(policy, make_obs, phase, limit=200):
+    for _ in range(limit):
+        if policy.phase(0) == phase:
+            return True
+        policy.act([make_obs()], ["task"], [0])
+    return policy.phase(0) == phase
+
+
+def test_phase_machine_goes_approach_descend_close_lift_on_a_cooperative_world():
+    scene = spatial_scene()
+    expert = ScriptedExpert()
+    expert.reset(0, 123)
+    state = {"eef": np.array([-0.21, 0.0, 1.17]), "width": 0.08}
+
+    def obs():
+        return obs_at(state["eef"], scene, width=state["width"])
+
+    a = expert.act([obs()], ["pick"], [0])[0]
+    assert expert.phase(0) == "approach" and a[6] == -1.0 and a.shape == (7,)
+    # an ideal arm: it goes where it is asked (the action is 20 x the error), and turns to the asked yaw
+    task = expert._episodes[0].tasks[0]
+    local, yaw, _ = task.grasp
+    grasp_point = scene["pos"][0] + local
+    assert abs(np.linalg.norm(grasp_point[:2] - scene["pos"][0][:2]) - 0.047) < 0.003
+
+    def ideal():
+        o = obs_at(state["eef"], scene, yaw=yaw, width=state["width"])
+        return o
+
+    for _ in range(80):
+        a = expert.act([ideal()], ["pick"], [0])[0]
+        state["eef"] = state["eef"] + a[:3] / scripted.POS_GAIN
+        if expert.phase(0) == "close":
+            break
+    assert expert.phase(0) == "close"
+    assert np.linalg.norm(state["eef"] - grasp_point) < 0.01
+    state["width"] = 0.005  # the fingers stop on the bowl wall
+    for _ in range(12):
+        a = expert.act([ideal()], ["pick"], [0])[0]
+    assert a[6] == 1.0 and expert.phase(0) == "lift"
+    assert a[2] > 0.5  # it lifts
+
+
+def test_a_closed_gripper_means_a_miss_and_another_side_is_tried():
+    scene = spatial_scene()
+    expert = ScriptedExpert()
+    expert.reset(0, 1)
+    expert.act([obs_at([-0.21, 0.0, 1.17], scene)], ["pick"], [0])
+    task = expert._episodes[0].tasks[0]
+    first = task.grasp[2]
+    task._go("close")
+    for _ in range(11):
+        expert.act([obs_at([-0.1, 0.1, 0.93], scene, width=0.001)], ["pick"], [0])
+    assert expert.phase(0) == "regrasp"
+    for _ in range(10):
+        expert.act([obs_at([-0.1, 0.1, 1.0], scene)], ["pick"], [0])
+    assert expert.phase(0) == "approach"
+    assert task.grasp[2] != first and first in task.failed
+
+
+def test_the_lift_is_abandoned_when_the_object_stays_down():
+    scene = spatial_scene()
+    expert = ScriptedExpert()
+    expert.reset(0, 1)
+    expert.act([obs_at([-0.21, 0.0, 1.17], scene)], ["pick"], [0])
+    task = expert._episodes[0].tasks[0]
+    task._go("close")
+    for _ in range(11):
+        expert.act([obs_at([-0.1, 0.1, 0.93], scene, width=0.005)], ["pick"], [0])
+    assert expert.phase(0) == "lift"
+    for _ in range(12):  # the bowl's z never changes
+        expert.act([obs_at([-0.1, 0.1, 0.95], scene, width=0.005)], ["pick"], [0])
+    assert expert.phase(0) == "regrasp"
+
+
+def test_unknown_goals_make_the_expert_hold_still_with_the_gripper_open():
+    scene = spatial_scene()
+    scene["goal"] = [["turnoff", "plate_1"]]
+    expert = ScriptedExpert()
+    expert.reset(0, 0)
+    a = expert.act([obs_at([-0.21, 0.0, 1.17], scene)], ["?"], [0])[0]
+    assert expert.phase(0) == "done" and a[6] == -1.0 and np.all(np.abs(a[:3]) <= 1.0)
+
+
+def test_act_is_batched_over_slots_and_needs_the_scene():
+    scene = spatial_scene()
+    expert = ScriptedExpert()
+    for s in (0, 3):
+        expert.reset(s, s)
+    out = expert.act([obs_at([-0.21, 0.0, 1.17], scene), obs_at([-0.2, 0.1, 1.1], scene)], ["a", "b"], [3, 0])
+    assert out.shape == (2, 7) and np.all(np.abs(out) <= 1.0)
+    with pytest.raises(ValueError, match="scene"):
+        expert.act([{"robot0_eef_pos": np.zeros(3)}], ["a"], [0])
+    assert expert.needs_privileged and not expert.needs_images
+
+
+# ---- degraded options -----------------------------------------------------------------------------------------
+def test_fumbles_are_decided_by_the_episode_seed():
+    picks = [scripted._Episode(seed, 0.3, 0.0).fumble for seed in range(2000)]
+    assert picks == [scripted._Episode(seed, 0.3, 0.0).fumble for seed in range(2000)]
+    assert 0.25 < np.mean(picks) < 0.35
+    assert not any(scripted._Episode(s, 0.0, 0.0).fumble for s in range(200))
+    assert all(scripted._Episode(s, 1.0, 0.0).fumble for s in range(200))
+
+
+def test_a_fumbled_episode_opens_at_the_lift_and_gives_up():
+    scene = spatial_scene()
+    expert = ScriptedExpert(fumble_probability=1.0)
+    expert.reset(0, 5)
+    expert.act([obs_at([-0.21, 0.0, 1.17], scene)], ["pick"], [0])
+    expert._episodes[0].tasks[0]._go("close")
+    for _ in range(11):
+        expert.act([obs_at([-0.1, 0.1, 0.93], scene, width=0.005)], ["pick"], [0])
+    for _ in range(4):
+        a = expert.act([obs_at([-0.1, 0.1, 0.95], scene, width=0.005)], ["pick"], [0])[0]
+    assert expert.phase(0) == "gave_up" and a[6] == -1.0
+
+
+def test_action_noise_is_reproducible_by_seed_and_only_on_the_arm():
+    scene = spatial_scene()
+    obs = obs_at([-0.21, 0.0, 1.17], scene)
+
+    def actions(noise, seed):
+        e = ScriptedExpert(action_noise=noise)
+        e.reset(0, seed)
+        return np.stack([e.act([obs], ["pick"], [0])[0] for _ in range(5)])
+
+    clean = actions(0.0, 7)
+    assert np.array_equal(actions(0.2, 7), actions(0.2, 7))
+    assert not np.array_equal(actions(0.2, 7), actions(0.2, 8))
+    assert not np.allclose(actions(0.2, 7)[:, :6], clean[:, :6])
+    assert np.array_equal(actions(0.2, 7)[:, 6], clean[:, 6])
+
+
+def test_options_are_validated_and_change_the_identity(tmp_path):
+    def spec(**options):
+        return SimpleNamespace(kind="scripted", options=options, name="e",
+                               where=lambda key=None: f"checkpoints.toml: [checkpoints.e] {key}: ")
+
+    assert scripted.identity(spec(), None) == scripted.identity(spec(), None)
+    assert scripted.identity(spec(), None) != scripted.identity(spec(fumble_probability=0.2), None)
+    assert scripted.identity(spec(action_noise=0.1), None) != scripted.identity(spec(action_noise=0.2), None)
+    scripted.validate(spec(fumble_probability=0.5, action_noise=0.1), None)
+    with pytest.raises(VlaBenchError, match="fumble_probability"):
+        scripted.validate(spec(fumble_probability=1.5), None)
+    with pytest.raises(VlaBenchError, match="action_noise"):
+        scripted.validate(spec(action_noise=-0.1), None)
+    policy = scripted.build(spec(fumble_probability=0.25, action_noise=0.05), None)
+    assert policy.fumble_probability == 0.25 and policy.action_noise == 0.05
+
+
+def test_the_expert_never_imports_torch():
+    code = "import sys, vla_bench.policies.scripted; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env=_subprocess_env(), cwd=REPO)
+
+
+# ---- describe_scene on a real LIBERO env (in a subprocess: robosuite must not share a process with torch) ------
+def test_describe_scene_returns_plain_picklable_facts():
+    pytest.importorskip("libero")
+    code = textwrap.dedent("""
+        import os, pickle, numpy as np
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs.env_wrapper import ControlEnv
+        from vla_bench.envs.scene import describe_scene
+        suite = benchmark.get_benchmark_dict()["libero_spatial"]()
+        task = suite.get_task(0)
+        env = ControlEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
+                         task.bddl_file), has_renderer=False, has_offscreen_renderer=False,
+                         use_camera_obs=False, hard_reset=False)
+        env.seed(0); np.random.seed(0); env.reset(); env.set_init_state(suite.get_task_init_states(0)[0])
+        s = describe_scene(env)
+        s2 = pickle.loads(pickle.dumps(s))
+        assert s["goal"] == [["on", "akita_black_bowl_1", "plate_1"]] and s["goal_done"] == [False]
+        assert "akita_black_bowl_1" in s["names"] and "wooden_cabinet_1" in s["names"]
+        n = len(s["geom_owner"])
+        assert n > 50 and s["geom_pos"].shape == (n, 3) and s["geom_mat"].shape == (n, 3, 3)
+        assert s["pos"].shape == (len(s["names"]), 3) and s["robot_base"].shape == (3,)
+        assert "flat_stove_1_cook_region" in s["sites"]
+        knob = [j for j, a in s["articulations"].items() if a["owner"] == "flat_stove_1"]
+        assert knob and s["articulations"][knob[0]]["type"] == "hinge"
+        assert "default_turnon_ranges" in s["articulation_ranges"]["flat_stove_1"]
+        assert s["site_joints"]["wooden_cabinet_1_top_region"]
+        assert describe_scene(env)["geom_owner"] is s["geom_owner"]  # static part cached
+        env.close()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(),
+                         cwd=REPO, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -1,16 +1,18 @@
 """OpenVLA-7B inference speed on one GPU: the serving path against a reference-style baseline, in the same run.
 
 The full 7.5B architecture is instantiated with random bf16 weights directly on the GPU (no download). Measured:
-  * fast      FastGenerator: SDPA, static KV cache reused across calls, decode steps replayed as CUDA graphs,
-              all B envs in one batch
+  * fast      FastGenerator: the whole call (towers, projector, flash prefill, decode steps) replayed as one CUDA
+              graph over a static KV cache, all B envs in one batch
   * eager     the reference's way: eager attention, dynamic cache, one generate per env (HF generate's work)
   * eager-batched   eager attention with our batching, to separate batching from the kernel/graph gains
 at B = 1, 2, 4, ..., 64 envs, reporting ms per action, actions/s and peak GPU memory, and checking that the fast
-path gives the eager path's tokens (in bf16 the two may part at a near-tie of the top two logits; a row counts as
-a mismatch only if it parts where the eager margin is not a near-tie).
+path gives the eager path's tokens (in bf16 the two may part where the eager top-two margin is within the
+measured kernel noise; see test_fast_path_gives_the_eager_tokens), and printing where the time goes per stage.
 
-    .venv/bin/python -m pytest benchmarks/bench_openvla.py --benchmark-only --benchmark-group-by=param:batch -s \
+    .venv/bin/python -m pytest benchmarks/bench_openvla.py --benchmark-group-by=param:batch -s \
         --benchmark-json=openvla-bench.json
+
+(Without --benchmark-only, so that the token-equality and profile tests run too.)
 
 Targets (issue 3, H100): <= 50 ms per action at B=1, >= 150 actions/s batched.
 """
@@ -29,7 +31,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
 #: prompt lengths of LIBERO instructions with the OpenVLA template (BOS ... "Out:" "▁"), mixed as in a real batch
 PROMPT_LENGTHS = [24, 31, 28, 37, 26, 33, 29, 41]
-NEAR_TIE = 0.05  # logits margin (bf16 noise is ~1e-2 of the logit scale) below which a flip is not a bug
 SUMMARY: dict[tuple[str, int], dict] = {}
 
 
@@ -94,27 +95,42 @@ def _timed(benchmark, fn, batch, name, rounds):
     SUMMARY[(name, batch)] = info
 
 
-@pytest.mark.parametrize("batch", [1, 4, 16])
+@pytest.mark.parametrize("batch", [1, 16, 64])
 def test_fast_path_gives_the_eager_tokens(model, batch):
-    """Every row of the fast batched path equals the eager one-at-a-time path token for token, up to the first
-    step where the eager path's top-two margin is a bf16 near-tie."""
+    """The fast batched path against the eager one-at-a-time reference, calibrated by the reference's own kernel
+    noise. bf16 results depend on kernel choice (the plain path with SDPA already differs from eager attention in
+    the last bits), so: (1) the fast path's logits may sit no further from eager's than twice the distance of the
+    plain SDPA path's, over the steps where both were fed the same tokens; (2) a row's tokens may part from eager's
+    only at a step whose eager top-two margin is within twice that row's own logit deviation, i.e. where such noise
+    can flip the argmax. A real bug (padding leaking, wrong positions, stale cache) moves logits by far more."""
     pixels, prompts = _inputs(batch, seed=100 + batch)
     fast = FastGenerator(model)
-    fast.generate(pixels, prompts)  # capture graphs first, then compare a replayed call
-    got = fast.generate(pixels, prompts)
+    fast.generate(pixels, prompts)  # capture the graph first, then compare a replayed call
+    got, got_logits = fast.generate(pixels, prompts, return_logits=True)
     ref, ref_logits = _eager_one_by_one(model, pixels, prompts, return_logits=True)
+    with torch.inference_mode():
+        plain, plain_logits = model.generate(pixels, prompts, return_logits=True)  # SDPA, left-padded batch
     top2 = ref_logits.float().topk(2, dim=-1).values
     margin = (top2[..., 0] - top2[..., 1]).cpu()
-    exact = 0
-    for r in range(batch):
-        differ = (got[r] != ref[r]).nonzero()
-        if len(differ) == 0:
-            exact += 1
-            continue
-        first = int(differ[0])
-        assert margin[r, first] < NEAR_TIE, (f"row {r} step {first}: fast {got[r].tolist()} vs eager "
-                                             f"{ref[r].tolist()}, eager margin {float(margin[r, first]):.3f}")
-    print(f"\n[tokens] B={batch}: {exact}/{batch} rows identical; the rest part at bf16 near-ties")
+
+    def deviation(ids, logits):
+        devs, parts = [], []
+        for r in range(batch):
+            differ = (ids[r] != ref[r]).nonzero()
+            upto = int(differ[0]) + 1 if len(differ) else ids.shape[1]
+            devs.append(float((logits[r, :upto].float() - ref_logits[r, :upto].float()).abs().max()))
+            parts.append(int(differ[0]) if len(differ) else None)
+        return devs, parts
+
+    fast_dev, fast_parts = deviation(got, got_logits)
+    plain_dev, plain_parts = deviation(plain, plain_logits)
+    partings = [(r, p, float(margin[r, p])) for r, p in enumerate(fast_parts) if p is not None]
+    print(f"\n[tokens] B={batch}: fast {batch - len(partings)}/{batch} rows identical to eager, plain-sdpa "
+          f"{sum(p is None for p in plain_parts)}/{batch}; max |logit - eager|: fast {max(fast_dev):.3f}, "
+          f"plain-sdpa {max(plain_dev):.3f}; fast partings (row, step, eager margin): {partings[:6]}")
+    assert max(fast_dev) <= 2 * max(plain_dev), (fast_dev, plain_dev)
+    for r, p, m in partings:
+        assert m <= 2 * fast_dev[r], f"row {r} parts at step {p} where eager's margin {m:.3f} is no tie"
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -124,13 +140,13 @@ def test_fast(benchmark, model, batch):
     _timed(benchmark, lambda: fast.generate(pixels, prompts), batch, "fast", rounds=10)
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1])
 def test_eager_one_by_one(benchmark, model, batch):
     pixels, prompts = _inputs(batch)
     _timed(benchmark, lambda: _eager_one_by_one(model, pixels, prompts), batch, "eager", rounds=3)
 
 
-@pytest.mark.parametrize("batch", [8, 64])
+@pytest.mark.parametrize("batch", [64])
 def test_eager_batched(benchmark, model, batch):
     pixels, prompts = _inputs(batch)
     _timed(benchmark, lambda: _eager_batched(model, pixels, prompts), batch, "eager-batched", rounds=3)
@@ -154,6 +170,116 @@ def test_policy_end_to_end_latency(model):
     ms = 1000 * float(np.median(times[2:]))
     SUMMARY[("policy-step", 1)] = {"batch": 1, "ms_per_action": ms, "actions_per_s": 1000 / ms, "ms_per_call": ms,
                                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+_KERNEL_KINDS = [  # (kind, name fragments), first match wins; cuBLAS/CUTLASS GEMMs carry one of the first
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("attention", ("flash", "fmha", "attention", "efficient")),
+    ("conv", ("conv", "implicit", "cudnn")),
+    ("norm", ("layer_norm", "layernorm", "rms")),
+    ("reduce", ("reduce",)),
+    ("copy/cat/index", ("cat", "copy", "index", "gather", "scatter")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def _kind(kernel: str) -> str:
+    low = kernel.lower()
+    return next((kind for kind, parts in _KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def _kernel_table(fn) -> tuple[int, dict[str, float], list[tuple[str, float]]]:
+    """Run fn once under the profiler: kernel count, device ms by kind, and the top kernels by device ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    count = 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = e.time_range.elapsed_us() / 1000
+        count += 1
+        kinds[_kind(e.name)] = kinds.get(_kind(e.name), 0.0) + ms
+        names[e.name] = names.get(e.name, 0.0) + ms
+    return count, kinds, sorted(names.items(), key=lambda kv: -kv[1])[:6]
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_profile_breakdown(model, batch):
+    """Where a fast call's time goes: each stage's GPU time (CUDA events) and host time (enqueueing its kernels)
+    when run without the graph, the same call as one graph replay, and the kernels by kind, with the plain path's
+    kernels beside them (its prefill attention kernel under a padding mask is the one to compare)."""
+    import statistics
+
+    pixels, prompts = _inputs(batch)
+    fast = FastGenerator(model, use_cuda_graph=False)
+    fast.generate(pixels, prompts)  # fills the state's input buffers and allocates the cache
+    (state,) = fast._states.values()
+    gpu: dict[str, list[float]] = {}
+    host: dict[str, list[float]] = {}
+    walls = []
+    for _ in range(4):
+        events, stamps = [], []
+
+        def mark(name):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append((name, ev))
+            stamps.append(time.perf_counter())
+
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.inference_mode():
+            fast._run(state, mark)
+        torch.cuda.synchronize()
+        walls.append(1000 * (time.perf_counter() - t0))
+        prev_ev, prev_t = start, t0
+        for (name, ev), t in zip(events, stamps):
+            key = "decode (sum)" if name.startswith("decode") else name
+            gpu.setdefault(key, []).append(0.0)
+            host.setdefault(key, []).append(0.0)
+            gpu[key][-1] += prev_ev.elapsed_time(ev)
+            host[key][-1] += 1000 * (t - prev_t)
+            prev_ev, prev_t = ev, t
+    graphed = FastGenerator(model)
+    graphed.generate(pixels, prompts)
+    replays = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graphed.generate(pixels, prompts)
+        torch.cuda.synchronize()
+        replays.append(1000 * (time.perf_counter() - t0))
+    del graphed
+    print(f"\n[profile] B={batch} seq={state['ids'].shape[1] + model.num_patches} cache={state['max_len']}")
+    print(f"  {'stage':<14}{'GPU ms':>9}{'host ms':>9}")
+    for key in gpu:
+        print(f"  {key:<14}{statistics.median(gpu[key][1:]):>9.2f}{statistics.median(host[key][1:]):>9.2f}")
+    print(f"  {'eager total':<14}{statistics.median(walls[1:]):>9.2f} (wall)   graph replay "
+          f"{statistics.median(replays[1:]):.2f} ms (wall, incl. input copies)")
+
+    def plain():
+        with torch.inference_mode():
+            model.generate(pixels, prompts)
+
+    def fast_eager():
+        with torch.inference_mode():
+            fast._run(state)
+
+    for label, fn in (("fast (no graph)", fast_eager), ("plain sdpa", plain)):
+        count, kinds, top = _kernel_table(fn)
+        total = sum(kinds.values())
+        print(f"  kernels, {label}: {count} launches, {total:.1f} ms of kernel time")
+        print("    " + "  ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+        for name, ms in top:
+            print(f"    {ms:8.2f} ms  {name[:110]}")
 
 
 def _print_summary():

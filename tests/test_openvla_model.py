@@ -174,6 +174,34 @@ def test_fast_generator_equals_the_plain_path_across_calls(snapshot):
         assert torch.equal(ids, ref) and torch.allclose(logits, ref_logits, atol=1e-4)
 
 
+def test_fast_generator_right_padding_matches_left_padding(snapshot):
+    """The serving path right-pads rows to a bucketed length and runs its prefill unmasked; the plain path left-pads
+    to the longest row with a mask. They agree for prompts that fill a text bucket exactly or leave pads, for a lone
+    BOS, for one and for several new tokens, and for two buckets sharing one KV cache; and the model's attention
+    setting is left as found."""
+    model = snapshot.model
+    pv, prompts = _inputs(snapshot, 4, seed=8)
+    bucket = FastGenerator.TEXT_BUCKET
+    cases = [
+        [prompts[0][:bucket], prompts[1][:bucket]],  # exactly one bucket: no pad column at all
+        [prompts[2], prompts[3][:1]],  # a long prompt beside a lone BOS: the most pads a row can have
+        [prompts[0][: bucket + 1], prompts[1]],  # one column into the next bucket
+    ]
+    fast = FastGenerator(model)
+    model.set_attn_implementation("eager")
+    try:
+        for rows in cases:
+            for new in (1, 3, 7):
+                ref, ref_logits = model.generate(pv[: len(rows)], rows, max_new_tokens=new, return_logits=True)
+                ids, logits = fast.generate(pv[: len(rows)], rows, max_new_tokens=new, return_logits=True)
+                assert ids.shape == (len(rows), new)
+                assert torch.equal(ids, ref) and torch.allclose(logits, ref_logits, atol=1e-4)
+        assert model.language_model.config._attn_implementation == "eager"
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert len(fast._caches) < len(fast._states), "neighbouring text buckets should share a KV cache"
+
+
 def test_policy_runs_the_libero_chain(snapshot):
     """On raw 256x256 LIBERO renders the policy returns (B, 7) finite actions with arm dims inside the unnorm
     key's [q01, q99] and the gripper in {-1, +1}; the suite name falls back to its _no_noops stats key."""

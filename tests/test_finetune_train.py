@@ -224,13 +224,17 @@ def test_resume_after_kill_continues_the_same_loss_curve(files, tmp_path):
     toml = tmp_path / "checkpoints.toml"
     toml.write_text(TOML.replace('"snap"', f'"{root / "snap"}"'))
     steps = ("--save-every", "4", "--no-register")
+    # every run is a fresh subprocess with the same thread settings, so no state left by earlier tests in this
+    # process (thread pools, RNG streams) can make the reference differ from the resumed run
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    command = [sys.executable, "-m", "vla_bench.finetune.cli"]
     reference = tmp_path / "reference"
-    assert finetune_main(_args(toml, demos, "ref", reference, 10, *steps)) == 0
+    done = subprocess.run([*command, *_args(toml, demos, "ref", reference, 10, *steps)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.Popen([sys.executable, "-m", "vla_bench.finetune.cli",
-                             *_args(toml, demos, "k", killed, 10, *steps)], cwd=REPO, env=env,
+    proc = subprocess.Popen([*command, *_args(toml, demos, "k", killed, 10, *steps)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -243,7 +247,9 @@ def test_resume_after_kill_continues_the_same_loss_curve(files, tmp_path):
     assert not (killed / "adapter").exists() and (killed / "checkpoints" / "latest").read_text().strip().endswith("4")
     assert max(_losses(killed)) >= 6
 
-    assert finetune_main(_args(toml, demos, "k", killed, 10, *steps)) == 0
+    resumed = subprocess.run([*command, *_args(toml, demos, "k", killed, 10, *steps)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     ref, got = _losses(reference), _losses(killed)
     assert sorted(got) == list(range(1, 11))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=1e-5)

@@ -38,4 +38,4 @@ def test_unknown_checkpoint_is_a_usage_error_listing_the_valid_ones():
     result = run_pytest("--collect-only", "-q", "suites/libero_spatial", "--checkpoint", "nope")
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "unknown checkpoint 'nope'" in output and "valid: expert, noop, random" in output
+    assert "unknown checkpoint 'nope'" in output and "valid: expert, expert-fumbly, noop, random, replay" in output

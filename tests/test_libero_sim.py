@@ -97,3 +97,24 @@ def test_video_is_written_per_episode_and_decodes(tmp_path):
         ["noop/libero_spatial/task1/episode000-failure.mp4"], result.stdout[-2000:]
     frames = iio.imread(videos[0])
     assert frames.shape == (6, 256, 256, 3) and frames.std() > 10  # the start + 5 steps, a real picture
+
+
+def test_episodes_run_inside_workers_match_the_lockstep_engine():
+    """The scripted expert run whole inside env workers gives the same outcome, step for step, as the batched
+    lockstep engine on the same init states and seeds."""
+    from vla_bench.policies import BuildContext, ModelCache, build_policy
+    from vla_bench.registry import Registry
+    from vla_bench.rollout import rollout_episodes, rollout_in_workers
+
+    registry = Registry.load(REPO / "checkpoints.toml")
+    expert = build_policy(registry.get("expert"), BuildContext(registry, "libero_spatial", ModelCache()))
+    protocol = reference_protocol("libero_spatial")
+    outcomes = {"lockstep": {}, "workers": {}}
+    with VectorLiberoEnv(protocol, 0, 2, privileged=True, local_policy=expert) as env:
+        instruction = "pick up the black bowl"
+        rollout_episodes(expert, env, protocol, 0, instruction, [3, 4],
+                         lambda o: outcomes["lockstep"].update({o.init_index: (o.success, o.steps, o.error)}))
+        rollout_in_workers(env, protocol, 0, instruction, [3, 4],
+                           lambda o: outcomes["workers"].update({o.init_index: (o.success, o.steps, o.error)}))
+    assert outcomes["workers"] == outcomes["lockstep"]
+    assert all(success for success, _, _ in outcomes["workers"].values())

@@ -19,7 +19,7 @@ from .policies.base import Policy
 from .protocol import Protocol
 from .registry import CheckpointSpec
 from .results import EpisodeRecord, ResultsStore, library_versions
-from .rollout import EpisodeOutcome, rollout_episodes
+from .rollout import EpisodeOutcome, rollout_episodes, rollout_in_workers
 from .video import wants_video, video_path, write_video
 
 
@@ -121,8 +121,10 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
         if record_frames and "agentview" not in cameras:
             cameras += ("agentview",)
         versions = library_versions()
+        # cheap CPU policies (scripted expert, controls) run whole episodes inside the workers
+        in_workers = bool(getattr(policy, "runs_in_worker", False))
         with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
-                             policy.needs_privileged) as env:
+                             policy.needs_privileged, local_policy=policy if in_workers else None) as env:
             def on_done(outcome: EpisodeOutcome) -> bool:
                 video = None
                 if outcome.frames and wants_video(settings.video, outcome.success):
@@ -139,7 +141,10 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
                     progress(outcome, len(records), protocol.episodes)
                 return bool(stop_when and stop_when(measured()))
 
-            rollout_episodes(policy, env, protocol, task_index, task.language, todo, on_done, record_frames)
+            if in_workers:
+                rollout_in_workers(env, protocol, task_index, task.language, todo, on_done, record_frames)
+            else:
+                rollout_episodes(policy, env, protocol, task_index, task.language, todo, on_done, record_frames)
     result = summarize([records[i] for i in sorted(records)], spec.name, protocol.suite, task_index, threshold,
                        resumed, wall_s=time.perf_counter() - started)
     result.planned = protocol.episodes

@@ -110,3 +110,23 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
             freed.append(slot)
         if freed:
             start(freed)
+
+
+def rollout_in_workers(env: VectorLiberoEnv, protocol: Protocol, task_index: int, instruction: str,
+                       init_indices: Sequence[int], on_done: Callable[[EpisodeOutcome], bool | None],
+                       record_frames: bool = False) -> None:
+    """The same episodes as rollout_episodes, run whole inside the env workers by their own copies of the policy
+    (`env` built with local_policy): for cheap CPU policies, where batching gains nothing and the main process
+    would serialize every slot's act. Same seeds, same outcomes."""
+    requests = [(i, protocol.episode_seed(task_index, i), instruction, record_frames) for i in init_indices]
+
+    def on_result(request, result) -> bool:
+        init_index, seed = request[0], request[1]
+        if isinstance(result, str):
+            outcome = EpisodeOutcome(init_index, seed, False, 0, result, 0.0)
+        else:
+            outcome = EpisodeOutcome(init_index, seed, result["success"], result["steps"], None, result["wall_s"],
+                                     result["frames"])
+        return bool(on_done(outcome))
+
+    env.run_episodes(requests, on_result)

@@ -20,6 +20,8 @@ class Policy(Protocol):
     needs_images: bool
     #: privileged simulator facts (obs["scene"]: collision geoms, robot base, goal) are added only when True
     needs_privileged: bool
+    # Optional: `runs_in_worker = True` says the policy is cheap, CPU-only and picklable, so each env worker gets
+    # its own copy and runs whole episodes (no lockstep batching); models on a GPU leave it unset.
 
     def reset(self, slot: int, seed: int) -> None:
         """A new episode starts in env slot `slot`; `seed` makes any randomness of the policy reproducible."""

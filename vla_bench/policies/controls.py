@@ -18,6 +18,7 @@ class NoopPolicy:
 
     needs_images = False
     needs_privileged = False
+    runs_in_worker = True  # cheap and CPU-only: each env worker runs whole episodes with its own copy
 
     def reset(self, slot: int, seed: int) -> None:
         pass
@@ -33,6 +34,7 @@ class RandomPolicy:
 
     needs_images = False
     needs_privileged = False
+    runs_in_worker = True  # cheap and CPU-only: each env worker runs whole episodes with its own copy
 
     def __init__(self) -> None:
         self.rngs: dict[int, np.random.Generator] = {}

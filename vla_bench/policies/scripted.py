@@ -254,6 +254,7 @@ class _View:
 class ScriptedExpert:
     needs_images = False
     needs_privileged = True
+    runs_in_worker = True  # CPU-only and picklable: each env worker runs whole episodes with its own copy
 
     def __init__(self, fumble_probability: float = 0.0, action_noise: float = 0.0):
         self.fumble_probability = float(fumble_probability)

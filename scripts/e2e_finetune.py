@@ -78,6 +78,13 @@ def collect(args, work: Path, log: Path) -> Path:
     return out / SUITE
 
 
+def demo_count(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return sum(1 for key in f.get("data", {}) if key.startswith("demo_"))
+
+
 def write_random_base(work: Path, seed: int) -> Path:
     """A random small model in the published layout (torch runs in a child process: this one stays light)."""
     snap = work / "random-snapshot"
@@ -158,7 +165,8 @@ def main(argv=None) -> int:
     t = time.monotonic()
     demos = collect(args, work, log)
     timings["collect_s"] = time.monotonic() - t
-    files = sorted(demos.glob("*.hdf5"))
+    # a task where the expert found no successful demo leaves a file without demos (collect keeps its counts)
+    files = [f for f in sorted(demos.glob("*.hdf5")) if demo_count(f) > 0]
     sys.path.insert(0, str(REPO))
     from vla_bench.envs.tasks import suite_tasks  # task names only; imports no simulator
 

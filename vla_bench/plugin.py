@@ -16,6 +16,7 @@ from .errors import VlaBenchError
 from .video import VIDEO_MODES
 
 _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
+_IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier characters
 
 
 def pytest_addhooks(pluginmanager) -> None:
@@ -220,7 +221,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         expression = Expression.compile(expression_text)
     except Exception:
         return  # let pytest report the malformed expression in its own words
-    if not any(_TASK_WORD.fullmatch(word) for word in expression.idents()):
+    # the words of the expression, by pytest's identifier rule (Expression.idents() exists only from pytest 9.2)
+    if not any(_TASK_WORD.fullmatch(word) for word in _IDENT.findall(expression_text)):
         return
     remaining, deselected = [], []
     for item in items:

@@ -43,7 +43,9 @@ def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode
     result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoints-file", str(tiny_checkpoints),
                         "--checkpoint", "tiny", "--checkpoint", "tiny-lora", "--episodes", "2", "--max-steps", "4",
                         "--vla-results", str(db), "-rA")
-    assert "error" not in result.stdout.lower().split("short test summary")[-1], result.stdout[-3000:]
+    # judged (passed or failed on its threshold), never errored
+    assert result.returncode in (0, 1), result.stdout[-3000:]
+    assert not [line for line in result.stdout.splitlines() if line.startswith("ERROR")], result.stdout[-3000:]
     with sqlite3.connect(db) as c:
         rows = c.execute("SELECT checkpoint, init_index, steps, error FROM episodes ORDER BY 1, 2").fetchall()
         identities = {r[0] for r in c.execute("SELECT DISTINCT identity FROM episodes")}

@@ -93,3 +93,45 @@ def test_real_rollouts_expert_against_itself_passes_and_against_a_30_point_degra
     assert "FAILED suites/libero_spatial/test_libero_spatial.py::test_task[task1-expert-fumbly]" in worse.stdout, \
         worse.stdout[-3000:]
     assert "gate FAIL" in worse.stdout and worse.returncode == 1
+
+
+def _sequential_case(candidate_success: bool):
+    from vla_bench.gating import GateSettings, gate_task, stop_rule
+    from vla_bench.metrics.gate import TaskOutcomes
+
+    protocol = reference_protocol("libero_spatial")
+    run = make_baseline("b", suite="libero_spatial", protocol=protocol.as_dict(), protocol_key=protocol.key(),
+                        checkpoint_name="b", checkpoint_identity="b", versions={},
+                        tasks={"task1": {i: True for i in range(50)}})
+    settings = GateSettings.from_options(0.05, None, False, looks=5)
+    rule = stop_rule(range(50), None, run.outcomes("task1"), settings, curtail=False)
+    outcomes = lambda ids: {i: candidate_success for i in ids}  # noqa: E731
+    return run, settings, rule, outcomes, gate_task
+
+
+def test_sequential_gate_stops_a_clear_regression_at_an_early_look_and_fails_it():
+    """Baseline 50/50, candidate failing everything: O'Brien-Fleming spends almost nothing at look 1 (10 pairs),
+    so the gate stops at look 2 (20 pairs) with a failure; out-of-order episodes count only as a complete prefix."""
+    run, settings, rule, outcomes, gate_task = _sequential_case(False)
+    assert not rule(outcomes(range(10)))
+    assert not rule(outcomes([*range(10), *range(11, 25)]))  # init state 10 still running: the prefix is 10 long
+    assert rule(outcomes(range(20)))
+    verdict = gate_task(run, "task1", outcomes(range(22)), settings, episodes=50)
+    assert verdict.verdict == "fail" and "efficacy at look 2, 20 episodes" in verdict.test
+    assert verdict.candidate_episodes == 20
+
+
+def test_sequential_gate_stops_for_futility_when_the_candidate_is_not_behind():
+    run, settings, rule, outcomes, gate_task = _sequential_case(True)
+    assert not rule(outcomes(range(20)))  # futility only from half the planned episodes on
+    assert rule(outcomes(range(30)))
+    verdict = gate_task(run, "task1", outcomes(range(30)), settings, episodes=50)
+    assert verdict.verdict != "fail" and "futility at look 3" in verdict.test
+
+
+def test_sequential_gate_refuses_a_margin():
+    from vla_bench.errors import VlaBenchError
+    from vla_bench.gating import GateSettings
+
+    with pytest.raises(VlaBenchError, match="--vla-sequential tests for any drop"):
+        GateSettings.from_options(0.05, "drop:5pp", False, looks=5)

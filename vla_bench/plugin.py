@@ -49,6 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vla-alpha", type=float, default=0.05, help="the gate's significance level (default 0.05)")
     group.addoption("--vla-curtail", action="store_true",
                     help="stop a task's episodes once no remaining outcome can change its verdict (exact)")
+    group.addoption("--vla-sequential", type=int, default=0, metavar="LOOKS",
+                    help="group-sequential gate with LOOKS equally spaced looks: stops a task once a look decides")
     group.addoption("--vla-baselines", default="baselines", metavar="DIR", help="baselines folder (default baselines/)")
     group.addoption("--video", choices=VIDEO_MODES, default="none", help="write an mp4 per episode")
     group.addoption("--video-dir", default="videos", metavar="DIR", help="where videos go (default: videos/)")
@@ -108,7 +110,8 @@ class _State:
                                     video_dir=Path(opt("--video-dir")))
             store = ResultsStore(Path(opt("--vla-results")))
             try:
-                gate = GateSettings.from_options(opt("--vla-alpha"), opt("--vla-compare-fail"), opt("--vla-strict"))
+                gate = GateSettings.from_options(opt("--vla-alpha"), opt("--vla-compare-fail"), opt("--vla-strict"),
+                                                 opt("--vla-sequential"))
             except VlaBenchError as e:
                 raise _usage_error(e) from None
             self._session = EvalSession(self.registry, store, settings, opt("--episodes"), opt("--max-steps"),

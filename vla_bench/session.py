@@ -70,12 +70,13 @@ class EvalSession:
         if baseline is not None:  # refuse an incomparable baseline before any episode runs
             check_protocol_matches(baseline, protocol, task.task_id, planned)
         stop = None
-        if self.curtail:
-            stop = stop_rule(planned, threshold, baseline.outcomes(task.task_id) if baseline else None, self.gate)
+        if self.curtail or (baseline is not None and self.gate.looks):
+            stop = stop_rule(planned, threshold, baseline.outcomes(task.task_id) if baseline else None, self.gate,
+                             curtail=self.curtail)
         result = evaluate_task(self.policy(spec, suite), spec, self.identity(spec), protocol, task_index,
                                self.store, self.settings, progress, threshold, stop)
         if baseline is not None:
-            result.gate = gate_task(baseline, task.task_id, result.outcomes(), self.gate)
+            result.gate = gate_task(baseline, task.task_id, result.outcomes(), self.gate, protocol.episodes)
         self.results.append(result)
         return result
 

@@ -6,6 +6,7 @@ MuJoCo reads MUJOCO_GL when it is first imported, so `configure()` must run befo
 from __future__ import annotations
 
 import ctypes.util
+import logging
 import os
 
 from ..errors import VlaBenchError
@@ -15,8 +16,17 @@ GL_LIBRARIES = {"egl": ("EGL", "libegl1 (and libgl1; on NVIDIA hosts the driver'
                 "osmesa": ("OSMesa", "libosmesa6")}
 
 
+def _not_macro_advice(record: logging.LogRecord) -> bool:
+    return "macro file" not in record.getMessage() and "setup_macros" not in record.getMessage()
+
+
 def configure() -> str:
-    """Set MUJOCO_GL / PYOPENGL_PLATFORM to a headless backend (default egl) and return its name."""
+    """Set MUJOCO_GL / PYOPENGL_PLATFORM to a headless backend (default egl) and return its name.
+
+    Also silences robosuite's three-line "no private macro file" advice, which every env worker would print at
+    import (it concerns robosuite's own settings, which vla-bench does not use); a filter on its logger set before
+    the import keeps every other robosuite message."""
+    logging.getLogger("robosuite_logs").addFilter(_not_macro_advice)
     backend = os.environ.setdefault("MUJOCO_GL", "egl")
     if backend in GL_LIBRARIES:
         os.environ.setdefault("PYOPENGL_PLATFORM", backend)

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import VlaBenchError, choices
+from ..openvla.gripper import libero_to_training
 
 #: OpenVLA's no-op threshold on ||a[0:6]||_2 (regenerate_libero_dataset.py)
 NOOP_THRESHOLD = 1e-4
@@ -57,11 +58,8 @@ def noop_mask(actions, threshold: float = NOOP_THRESHOLD) -> np.ndarray:
     return keep
 
 
-def libero_gripper_to_training(gripper) -> np.ndarray:
-    """LIBERO's gripper command (-1 open, +1 close) -> OpenVLA's training convention (1 open, 0 closed):
-    `1 - clip(g, 0, 1)`, exactly `libero_dataset_transform`. Its inverse at evaluation is
-    vla_bench.openvla.gripper.postprocess(..., "libero")."""
-    return 1.0 - np.clip(np.asarray(gripper, dtype=np.float64), 0.0, 1.0)
+# the gripper convention has one home, beside its inverse at evaluation
+libero_gripper_to_training = libero_to_training
 
 
 def aggregate_steps(actions, k: int) -> tuple[np.ndarray, np.ndarray]:

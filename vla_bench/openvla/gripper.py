@@ -11,6 +11,12 @@ import numpy as np
 FAMILIES = ("libero", "bridge")
 
 
+def libero_to_training(gripper) -> np.ndarray:
+    """LIBERO's gripper command (-1 open, +1 close) -> the training convention (1 open, 0 closed): `1 - clip(g, 0,
+    1)`, as OpenVLA's LIBERO dataset transform does; `postprocess(..., "libero")` is its inverse at evaluation."""
+    return 1.0 - np.clip(np.asarray(gripper, dtype=np.float64), 0.0, 1.0)
+
+
 def postprocess(actions, family: str) -> np.ndarray:
     """(..., 7) actions -> the same with the last dim in the family's gripper convention."""
     out = np.array(actions, dtype=np.float64, copy=True)

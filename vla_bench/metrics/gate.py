@@ -459,11 +459,11 @@ def _power_function(n, n_candidate, baseline_rate, alpha, margin, paired, suite_
 # --------------------------------------------------------------------------------------------------- verdicts
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskVerdict:
-    """Everything the summary shows for one task. Rates and differences are fractions; difference = cand - base."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GateFigures:
+    """What every gate comparison reports, a task's or a suite's (the summary table reads these). Rates and
+    differences are fractions; difference = candidate - baseline."""
 
-    task: str
     paired: bool
     baseline_episodes: int
     candidate_episodes: int
@@ -473,7 +473,6 @@ class TaskVerdict:
     difference_low: float
     difference_high: float
     pvalue: float
-    adjusted_pvalue: float
     test: str
     verdict: str
     margin: float
@@ -481,33 +480,25 @@ class TaskVerdict:
     strict: bool
     confidence: float
     detectable_drop: float | None
-    discordant: tuple[int, int] | None  # (only baseline succeeded, only candidate succeeded) when paired
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class SuiteVerdict:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskVerdict(GateFigures):
+    """One task's comparison, with its Holm-adjusted p-value when it is part of a suite."""
+
+    task: str
+    adjusted_pvalue: float
+    discordant: tuple[int, int] | None  # (only baseline succeeded, only candidate succeeded) when paired
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SuiteVerdict(GateFigures):
     """The suite-level stratified test plus every task's Holm-adjusted verdict."""
 
     tasks: tuple[TaskVerdict, ...]
-    paired: bool
-    baseline_episodes: int
-    candidate_episodes: int
-    baseline_rate: float
-    candidate_rate: float
-    difference: float
-    difference_low: float
-    difference_high: float
-    pvalue: float
-    test: str
-    verdict: str
-    margin: float
-    alpha: float
-    strict: bool
-    confidence: float
-    detectable_drop: float | None
 
     @property
     def failed_tasks(self) -> list[str]:

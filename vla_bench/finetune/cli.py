@@ -6,8 +6,9 @@
 The run folder (default runs/NAME) holds the adapter in PEFT's layout (adapter/, with dataset_statistics.json next to
 it, which the openvla kind reads), dataset_statistics.json, train_config.json (every knob, the data's provenance and
 execution rule), log.jsonl, curves.png and checkpoints/ (resume: run the same command again). A new
-[checkpoints.NAME] entry (kind openvla, base, adapter, unnorm_key, baseline) is written into checkpoints.toml with
-comments and order kept, so `pytest suites/libero_spatial --checkpoint NAME --vla-compare` gates it directly.
+[checkpoints.NAME] entry (kind openvla, base, adapter, unnorm_key, baseline, and action_repeat = k for a run with
+--action-repeat k > 1, which evaluation replays) is written into checkpoints.toml with comments and order kept,
+so `pytest suites/libero_spatial --checkpoint NAME --vla-compare` gates it directly.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def add_finetune_arguments(parser) -> None:
     a("--val-fraction", type=float, default=0.05, help="trajectories held out for evaluation (default 0.05)")
     a("--val-data", nargs="+", default=None, help="held-out demonstrations instead of a split of --data")
     a("--no-noop-filter", action="store_true", help="keep no-op steps (OpenVLA's filter is on by default)")
-    a("--action-repeat", type=int, default=1, help="aggregate k steps into one example (written to the run)")
+    a("--action-repeat", type=int, default=1,
+      help="aggregate k steps into one example (written to the run and the entry; evaluation replays it)")
     a("--baseline", default=None, help="stored baseline the candidate is gated against (default: the base's name)")
     a("--replace", action="store_true", help="replace an existing entry of that name")
     a("--no-register", action="store_true", help="do not write the entry into checkpoints.toml")
@@ -132,14 +134,17 @@ def config_from_args(args, base_dir: Path, out: Path, unnorm_key: str, prompt: s
 
 
 def register_candidate(registry, name: str, base: str, result: dict, unnorm_key: str, baseline: str | None,
-                       center_crop: bool, comment: str, replace: bool = False):
-    """Write [checkpoints.NAME] for a finished run (comments and order of the file kept, via Registry.add_entry)."""
+                       center_crop: bool, comment: str, replace: bool = False, action_repeat: int = 1):
+    """Write [checkpoints.NAME] for a finished run (comments and order of the file kept, via Registry.add_entry);
+    a run trained with --action-repeat k > 1 gets `action_repeat = k`, so evaluation replays its execution rule."""
     values = {"kind": "openvla"}
     if "adapter" in result:
         values.update(base=base, adapter=_relative(Path(result["adapter"]), registry.path))
     else:
         values["source"] = _relative(Path(result["model"]), registry.path)
     values.update(unnorm_key=unnorm_key, center_crop=center_crop)
+    if action_repeat > 1:
+        values["action_repeat"] = int(action_repeat)
     if baseline:
         values["baseline"] = baseline
     return registry.add_entry(name, values, comment=comment, replace=replace)
@@ -218,7 +223,8 @@ def run_finetune(args) -> int:
         comment = (f"vla-bench finetune {stamp}: {'full' if args.full else 'LoRA r=%d' % args.lora_rank} on "
                    f"{' '.join(args.data)}, {args.steps} steps, run folder {out}")
         spec = register_candidate(registry, args.name, args.base, result, unnorm_key,
-                                  args.baseline or args.base, cfg.image_aug, comment, args.replace)
+                                  args.baseline or args.base, cfg.image_aug, comment, args.replace,
+                                  action_repeat=args.action_repeat)
         print(f"vla-bench finetune: wrote [checkpoints.{spec.name}] to {registry.path}")
     return 0
 

@@ -18,9 +18,11 @@ differ from a replay only by the motion the skipped steps let the arm coast thro
 Optional temporal subsampling (`action_repeat = k > 1`) turns every k consecutive kept steps into one example: the
 frame at the window's first step, the *sum* of the window's arm deltas, the window's *last* gripper command. The
 execution rule that replays this at evaluation — repeat the unnormalized arm action divided by k for k env steps,
-the gripper as predicted — is returned by `execution_rule(k)` and belongs in the checkpoint; a trailing partial
-window of m < k steps is kept too, since executing its sum / k for k steps moves the arm by the same total. Summing
-axis-angle rotation deltas is exact only for small rotations, which per-step deltas are.
+the gripper as predicted — is `execution_rule(k)` (its one home: vla_bench/policies/repeat.py, which also replays
+it); it goes into the checkpoint (train_config.json, and `action_repeat = k` in the checkpoints.toml entry), and the
+openvla kind executes it. A trailing partial window of m < k steps is kept too, since executing its sum / k for k
+steps moves the arm by the same total. Summing axis-angle rotation deltas is exact only for small rotations, which
+per-step deltas are.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import numpy as np
 
 from ..errors import VlaBenchError, choices
 from ..openvla.gripper import libero_to_training
+from ..policies.repeat import execution_rule  # one home, beside its replay at evaluation
 
 #: OpenVLA's no-op threshold on ||a[0:6]||_2 (regenerate_libero_dataset.py)
 NOOP_THRESHOLD = 1e-4
@@ -74,16 +77,6 @@ def aggregate_steps(actions, k: int) -> tuple[np.ndarray, np.ndarray]:
     arm = np.add.reduceat(a[:, :-1], starts, axis=0)  # sums over [start_i, start_{i+1})
     last = np.minimum(starts + k, len(a)) - 1
     return np.concatenate([arm, a[last, -1:]], axis=1), starts
-
-
-def execution_rule(action_repeat: int, control_hz: float = 20.0) -> dict:
-    """What evaluation must do with one predicted action; written into the checkpoint's training config."""
-    k = int(action_repeat)
-    return {"action_repeat": k, "arm_scale": 1.0 / k, "gripper_scale": 1.0,
-            "aggregation": "sum of arm deltas, last gripper" if k > 1 else "none",
-            "data_hz": control_hz, "policy_hz": control_hz / k,
-            "rule": f"execute [a[0:6] * {1.0 / k:g}, a[6]] for {k} consecutive env steps" if k > 1
-            else "execute each predicted action once"}
 
 
 # ---- trajectories -------------------------------------------------------------------------------------------------

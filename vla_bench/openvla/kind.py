@@ -14,6 +14,14 @@
     kind = "openvla"
     base = "openvla-libero-spatial"   # another openvla entry with a source
     adapter = "runs/my-lora/adapter"  # PEFT adapter dir (adapter_config.json + adapter_model.safetensors)
+    action_repeat = 2                 # optional: each prediction is a 2-step window (finetune --action-repeat 2)
+
+`action_repeat = k` (integer >= 1) is the execution rule of a temporally subsampled fine-tune: the model is asked
+once every k env steps per environment and [a[0:6] / k, a[6]] is executed for k steps (vla_bench/policies/repeat.py).
+`vla-bench finetune --action-repeat k` writes it into the entry. An entry without the key takes the rule recorded by
+`vla-bench finetune` with the entry's own weights ("execution" in train_config.json in the adapter's folder or the
+run folder above it; for `source` entries, the snapshot's), else 1; the entry's key wins over that file. A LoRA
+entry does not inherit its base entry's action_repeat (the adapter's training data decides).
 
 Validation stays cheap and torch-free (it runs whenever checkpoints.toml is read); files are checked when an entry
 is used. One base model is cached per (weights identity, dtype, device); adapter entries over it share it.
@@ -25,10 +33,11 @@ import json
 import re
 
 from ..errors import VlaBenchError, choices
+from ..policies.repeat import check_action_repeat
 from .checkpoint import DTYPES as _DTYPES  # checkpoint.py imports torch only inside functions
 
 KEYS = {"source": str, "unnorm_key": str, "center_crop": bool, "dtype": str, "device": str, "base": str,
-        "adapter": str, "prompt": str}
+        "adapter": str, "prompt": str, "action_repeat": int}
 REQUIRED = ()
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -61,6 +70,8 @@ def validate(spec, registry) -> None:
         raise VlaBenchError(f"{spec.where('device')}unknown device {o['device']!r}; valid: auto, cpu, cuda, cuda:N")
     if "prompt" in o and o["prompt"] not in TEMPLATES:
         raise VlaBenchError(f"{spec.where('prompt')}unknown prompt {o['prompt']!r}; valid: {choices(TEMPLATES)}")
+    if "action_repeat" in o:
+        check_action_repeat(o["action_repeat"], spec.where("action_repeat"))
 
 
 def _base_spec(spec, registry):
@@ -81,6 +92,29 @@ def _dir(spec, key):
     return path
 
 
+def _run_config_repeat(folder) -> int | None:
+    """The action_repeat of the train_config.json that `vla-bench finetune` wrote with these weights (in the
+    folder, or the run folder above it: runs/NAME/{adapter,model,merged}), or None when there is none."""
+    for path in (folder / "train_config.json", folder.parent / "train_config.json"):
+        if not path.is_file():
+            continue
+        try:
+            execution = json.loads(path.read_text()).get("execution")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(execution, dict) and "action_repeat" in execution:
+            return check_action_repeat(execution["action_repeat"], f"{path}: execution.action_repeat: ")
+    return None
+
+
+def action_repeat(spec, registry) -> int:
+    """The entry's execution rule: its own action_repeat key, else its weights' run config, else 1 (see above)."""
+    if "action_repeat" in spec.options:
+        return check_action_repeat(spec.options["action_repeat"], spec.where("action_repeat"))
+    found = _run_config_repeat(_dir(spec, "adapter" if "adapter" in spec.options else "source"))
+    return 1 if found is None else found
+
+
 def weights_identity(spec, registry) -> str:
     from .checkpoint import folder_identity
 
@@ -95,6 +129,9 @@ def identity(spec, registry) -> str:
     if "adapter" in spec.options:
         ident += "+lora:" + folder_identity(_dir(spec, "adapter"))
     behaviour = {k: _option(spec, registry, k, None) for k in _BEHAVIOUR}
+    repeat = action_repeat(spec, registry)
+    if repeat != 1:  # only then, so that identities of entries without action repeat stay as they were
+        behaviour["action_repeat"] = repeat
     return ident + "/" + hashlib.sha256(json.dumps(behaviour, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -125,4 +162,4 @@ def build(spec, context):
                          unnorm_key=_option(spec, registry, "unnorm_key", None),
                          center_crop=_option(spec, registry, "center_crop", None),
                          prompt=_option(spec, registry, "prompt", "openvla"), norm_stats=norm_stats,
-                         where=spec.where())
+                         action_repeat=action_repeat(spec, registry), where=spec.where())

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import VlaBenchError, choices
+from ..policies.repeat import ActionRepeater
 from . import action_tokenizer, gripper, image, normalization
 from .prompt import build_prompt
 
@@ -73,7 +74,7 @@ class OpenVLAPolicy:
 
     def __init__(self, base, suite: str, adapter: str | None = None, unnorm_key: str | None = None,
                  center_crop: bool | None = None, prompt: str = "openvla", norm_stats: dict | None = None,
-                 where: str = ""):
+                 action_repeat: int = 1, where: str = ""):
         self.base = base
         self.adapter = adapter
         self.convention = suite_convention(suite)
@@ -82,9 +83,12 @@ class OpenVLAPolicy:
         stats = base.snapshot.norm_stats if norm_stats is None else norm_stats
         self.unnorm_key = resolve_unnorm_key(stats, unnorm_key, self.convention, where)
         self.stats = normalization.action_stats(stats, self.unnorm_key, where)
+        self.repeater = ActionRepeater(action_repeat)  # the execution rule of a subsampled fine-tune (k = 1: none)
+        self.action_repeat = self.repeater.action_repeat
 
     def reset(self, slot: int, seed: int) -> None:
-        """Nothing to reset: greedy decoding keeps no state between steps or episodes."""
+        """A new episode in `slot`: its action-repeat phase restarts (greedy decoding itself keeps no state)."""
+        self.repeater.reset(slot)
 
     def frame(self, observation: dict) -> np.ndarray:
         return image.reference_chain(observation[self.convention.image_key], flip=self.convention.flip,
@@ -92,6 +96,8 @@ class OpenVLAPolicy:
 
     def infer(self, observations: Sequence[dict], instructions: Sequence[str], return_logits: bool = False
               ) -> Inference:
+        """One model prediction per observation, as the model means it (under action_repeat k: one k-step window);
+        `act` applies the execution rule."""
         model, tok = self.base.model, self.base.snapshot.tokenizer
         frames = [self.frame(o) for o in observations]
         pixels = image.to_pixel_values(frames, model.arch.timm_model_ids, model.arch.image_size)
@@ -109,4 +115,6 @@ class OpenVLAPolicy:
     def act(self, observations: Sequence[dict], instructions: Sequence[str], slots: Sequence[int]) -> np.ndarray:
         if not (len(observations) == len(instructions) == len(slots)):
             raise ValueError("observations, instructions and slots must have the same length")
-        return self.infer(observations, instructions).actions
+        # the model runs only for the slots whose repeated action has run out (all of them when action_repeat = 1)
+        return self.repeater.act(slots, lambda rows: self.infer([observations[r] for r in rows],
+                                                                [instructions[r] for r in rows]).actions)

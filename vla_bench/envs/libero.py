@@ -32,6 +32,7 @@ class LiberoTaskEnv:
                           camera_widths=protocol.camera_size)
         self.env = ControlEnv(**kwargs)
         self.env.seed(protocol.env_seed)
+        self._fixture_homes: list | None = None  # (body id, pos, quat) of each fixture in the model file
 
     def reset(self, init_index: int, seed: int) -> dict:
         """Start the episode on init state `init_index` and step the protocol's wait steps."""
@@ -53,6 +54,7 @@ class LiberoTaskEnv:
         NumPy RNG on every reset, and set_init_state restores only qpos/qvel; seeding NumPy with the episode's seed
         right before the reset makes the scene a function of (task, init state, seed) alone."""
         np.random.seed(seed)
+        self._home_fixtures()
         obs = self.env.reset()
         # robosuite's soft reset (hard_reset=False) keeps the gripper's integrated command (`current_action`,
         # +-0.25 per step), so an episode that ended closed would start the next one half-closed. A hard reset
@@ -61,6 +63,32 @@ class LiberoTaskEnv:
             if getattr(robot, "gripper", None) is not None:
                 robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
         return obs
+
+    def _home_fixtures(self) -> None:
+        """Put the fixtures back where the model file has them (origin, no turn) before a soft reset.
+
+        LIBERO places an object that starts on or in a fixture's region (a bowl on the stove, in a drawer, on the
+        cabinet) at the fixture's sampled pose plus the region site's `site_xpos`, as if that were the site's
+        offset in the fixture's frame. That holds only while the fixture sits at the origin, as it does in a model
+        freshly loaded from XML (LIBERO's default hard reset). With hard_reset=False the model keeps the fixture
+        where the previous reset (the one in the env's constructor included) moved it, so the offset counts the
+        fixture's position twice: the bowl "on the stove" started 0.26 m left of it, off the table's edge, and fell
+        to the floor. Homing the fixtures makes the random reset place objects as LIBERO's hard reset does; the
+        fixtures are sampled before the sites are read, so their poses (and the evaluation episodes, whose object
+        poses come from the init state) do not change.
+        """
+        env = self.env.env
+        model = env.sim.model
+        if self._fixture_homes is None:  # read from the model's XML tree (compiling it again would cost seconds)
+            self._fixture_homes = []
+            for obj in env.fixtures_dict.values():
+                body = env.model.worldbody.find(f".//body[@name='{obj.root_body}']")
+                pos = np.array((body.get("pos") or "0 0 0").split(), dtype=np.float64)
+                quat = np.array((body.get("quat") or "1 0 0 0").split(), dtype=np.float64)
+                self._fixture_homes.append((model.body_name2id(obj.root_body), pos, quat))
+        for body, pos, quat in self._fixture_homes:
+            model.body_pos[body] = pos
+            model.body_quat[body] = quat
 
     def _wait(self, obs: dict) -> dict:
         for _ in range(self.protocol.wait_steps):  # objects start ~7 cm up and settle during these

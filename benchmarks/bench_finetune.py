@@ -81,3 +81,69 @@ def test_lora_r32_microbatch16_samples_per_second(benchmark, setup):
     print(f"\nOpenVLA-7B LoRA r=32, micro-batch {BATCH}, grad ckpt: {BATCH / seconds:.1f} samples/s, "
           f"{seconds:.3f} s/step, peak {peak:.1f} GiB, {trainable / 1e6:.1f}M trainable")
     assert trainable == 110_828_288
+
+
+def test_lora_step_breakdown(setup):
+    """Where a training step's time goes: wall time against the GPU's kernel time (a gap is host-bound launching),
+    and the kernels by kind, for the recipe as benchmarked above."""
+    from bench_openvla import _kernel_table  # one home for the kernel classification
+
+    model, optimizer, (pixels, ids, labels), _, _ = setup
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = model(pixels, ids, labels, 7)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    wall = 1000 * (time.perf_counter() - t0)
+    count, kinds, top = _kernel_table(step)
+    print(f"\n[train profile] micro-batch {BATCH}: wall {wall:.0f} ms, {count} kernels, "
+          f"{sum(kinds.values()):.0f} ms of kernel time")
+    print("    " + "  ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    for name, ms in top:
+        print(f"    {ms:8.2f} ms  {name[:110]}")
+
+
+@pytest.mark.parametrize("checkpointing", ["language-only", "none"])
+def test_lora_checkpointing_variants(setup, checkpointing):
+    """The same step with less recomputation: gradient checkpointing on the language model only, or nowhere.
+    Reported beside the recipe's figures (speed bought with memory; the target caps peak memory at 24 GB)."""
+    model, optimizer, (pixels, ids, labels), _, _ = setup
+    vla = model.vla if hasattr(model, "vla") else model.module
+    towers = [vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = model(pixels, ids, labels, 7)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+
+    for t in towers:
+        t.set_grad_checkpointing(False)
+    if checkpointing == "none":
+        vla.language_model.gradient_checkpointing_disable()
+    try:
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        seconds = sorted(times)[len(times) // 2]
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"\n[train variant] checkpointing {checkpointing}: {BATCH / seconds:.1f} samples/s, "
+              f"{seconds:.3f} s/step, peak {peak:.1f} GiB")
+    finally:
+        for t in towers:
+            t.set_grad_checkpointing(True)
+        vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -2,7 +2,8 @@
 
 The full 7.5B architecture is instantiated with random bf16 weights directly on the GPU (no download). Measured:
   * fast      FastGenerator: the whole call (towers, projector, flash prefill, decode steps) replayed as one CUDA
-              graph over a static KV cache, all B envs in one batch
+              graph over a static KV cache, all B envs in one batch, the decoder's elementwise chains compiled
+  * fast-*    the same with one choice changed (unfused elementwise chains, FlashAttention-2 forced in the prefill)
   * eager     the reference's way: eager attention, dynamic cache, one generate per env (HF generate's work)
   * eager-batched   eager attention with our batching, to separate batching from the kernel/graph gains
 at B = 1, 2, 4, ..., 64 envs, reporting ms per action, actions/s and peak GPU memory, and checking that the fast
@@ -140,6 +141,22 @@ def test_fast(benchmark, model, batch):
     _timed(benchmark, lambda: fast.generate(pixels, prompts), batch, "fast", rounds=10)
 
 
+VARIANTS = {  # FastGenerator options: (fuse the elementwise chains, prefill attention kernel)
+    "fast-unfused": {"fuse": False}, "fast-flash": {"prefill_attention": "flash"},
+    "fast-unfused-flash": {"fuse": False, "prefill_attention": "flash"},
+}
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fast_variant(benchmark, model, variant, batch):
+    """The default fast path's choices against their alternatives, in the same run (the defaults are what these
+    measured best)."""
+    fast = FastGenerator(model, **VARIANTS[variant])
+    pixels, prompts = _inputs(batch)
+    _timed(benchmark, lambda: fast.generate(pixels, prompts), batch, variant, rounds=10)
+
+
 @pytest.mark.parametrize("batch", [1])
 def test_eager_one_by_one(benchmark, model, batch):
     pixels, prompts = _inputs(batch)
@@ -173,6 +190,7 @@ def test_policy_end_to_end_latency(model):
 
 
 _KERNEL_KINDS = [  # (kind, name fragments), first match wins; cuBLAS/CUTLASS GEMMs carry one of the first
+    ("fused (triton)", ("triton_",)),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
     ("attention", ("flash", "fmha", "attention", "efficient")),
     ("conv", ("conv", "implicit", "cudnn")),

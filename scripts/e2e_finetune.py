@@ -21,6 +21,10 @@ Stages (all in --work):
      `... --checkpoint e2e-cand --vla-compare`: the gate judges the candidate against its base.
   6. a summary (summary.json + printed): success rates with episode counts, the gate's exit status, and the held-out
      demos' action-token accuracy and L1 for the base (the LoRA run's step-0 evaluation) and the candidate.
+
+Stages that use different resources overlap: the held-out task's demos are collected (CPU simulator workers) while
+the base trains (GPU), and the base is evaluated closed-loop while the candidate trains. `--stop-after STAGE` ends
+the run after a stage (to split it over shorter sessions); the same command then resumes from there.
 """
 from __future__ import annotations
 
@@ -63,19 +67,39 @@ def sh(cmd: list[str], log: Path, env: dict | None = None, check: bool = True) -
     return rc
 
 
-def collect(args, work: Path, log: Path) -> Path:
-    out = work / "demos"
-    code = ("import argparse, sys; from vla_bench.collect import add_collect_arguments, run_collect; "
-            "p = argparse.ArgumentParser(); p.add_argument('--checkpoints-file'); add_collect_arguments(p); "
-            "sys.exit(run_collect(p.parse_args(sys.argv[1:])))")
-    others = [str(t) for t in range(1, N_TASKS + 1) if t != args.heldout_task]
-    common = ["--checkpoints-file", str(work / "checkpoints.toml"), "--suite", SUITE, "--out", str(out),
-              "--workers", str(args.workers), "--seed", str(args.seed)]
-    sh([PY, "-c", code, *common, "--tasks", *others, "--demos", str(args.pretrain_demos)], log,
-       env={"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl"}, check=False)
-    sh([PY, "-c", code, *common, "--tasks", str(args.heldout_task), "--demos", str(args.heldout_demos)], log,
-       env={"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl"}, check=False)
-    return out / SUITE
+class Background:
+    """A stage running beside the foreground one (its output goes to its own log, shown when it is joined)."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
+        print(f"\n$ {' '.join(cmd)} &   (output: {log})", flush=True)
+        self.cmd, self.log, self.started = cmd, log, time.monotonic()
+        self._file = log.open("a")
+        self._file.write(f"\n$ {' '.join(cmd)}\n")
+        self._file.flush()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=self._file,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def join(self, tail: int = 25) -> int:
+        rc = self.proc.wait()
+        self._file.close()
+        lines = self.log.read_text(errors="replace").splitlines()
+        print(f"\n[{' '.join(self.cmd[:4])} ...] last lines of {self.log}:")
+        print("\n".join(lines[-tail:]))
+        print(f"  -> exit {rc} after {time.monotonic() - self.started:.0f} s", flush=True)
+        return rc
+
+
+SIM_ENV = {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl"}
+COLLECT = ("import argparse, sys; from vla_bench.collect import add_collect_arguments, run_collect; "
+           "p = argparse.ArgumentParser(); p.add_argument('--checkpoints-file'); add_collect_arguments(p); "
+           "sys.exit(run_collect(p.parse_args(sys.argv[1:])))")
+
+
+def collect_command(args, work: Path, tasks: list[int], n_demos: int) -> list[str]:
+    """`vla-bench collect` for some tasks (a task the expert cannot do ends with fewer demos, not a failed run)."""
+    return [PY, "-c", COLLECT, "--checkpoints-file", str(work / "checkpoints.toml"), "--suite", SUITE,
+            "--out", str(work / "demos"), "--workers", str(args.workers), "--seed", str(args.seed),
+            "--tasks", *map(str, tasks), "--demos", str(n_demos)]
 
 
 def demo_count(path: Path) -> int:
@@ -138,12 +162,26 @@ def success(results: Path, checkpoint: str, task_index: int) -> dict:
     return {"episodes": n, "successes": k, "success_rate": k / n if n else None}
 
 
+STAGES = ("collect", "pretrain", "lora", "eval")
+
+
+def demo_files(work: Path, heldout_task: int) -> tuple[list[Path], list[Path]]:
+    """(the held-out task's demo file, the other tasks' files); files without a demo are left out (a task where the
+    expert found no successful demo keeps its counts in an empty file)."""
+    from vla_bench.envs.tasks import suite_tasks  # task names only; imports no simulator
+
+    files = [f for f in sorted((work / "demos" / SUITE).glob("*.hdf5")) if demo_count(f) > 0]
+    name = suite_tasks(SUITE)[heldout_task - 1].name
+    heldout = [f for f in files if f.name.startswith(name + "_demo")]
+    return heldout, [f for f in files if f not in heldout]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="e2e", help="work folder (default e2e/)")
     p.add_argument("--heldout-task", type=int, default=6, help="LIBERO-Spatial task (1-based) held out of the base")
     p.add_argument("--pretrain-demos", type=int, default=20, help="demos per pretraining task")
-    p.add_argument("--heldout-demos", type=int, default=40, help="demos of the held-out task (10%% kept for eval)")
+    p.add_argument("--heldout-demos", type=int, default=50, help="demos of the held-out task (10%% kept for eval)")
     p.add_argument("--workers", type=int, default=16, help="simulator processes for collection and evaluation")
     p.add_argument("--pretrain-steps", type=int, default=2500)
     p.add_argument("--pretrain-batch", type=int, default=64)
@@ -153,7 +191,11 @@ def main(argv=None) -> int:
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--episodes", type=int, default=50, help="evaluation episodes (the 50 official init states)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-after", choices=STAGES, default="eval",
+                   help="end after this stage; the same command later resumes (default: run everything)")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from vla_bench.envs.tasks import suite_tasks
 
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -161,55 +203,79 @@ def main(argv=None) -> int:
     toml = work / "checkpoints.toml"
     if not toml.exists():  # the repo's entries (expert, controls, thresholds) plus ours, in a file of our own
         shutil.copyfile(REPO / "checkpoints.toml", toml)
-    timings = {}
-    t = time.monotonic()
-    demos = collect(args, work, log)
-    timings["collect_s"] = time.monotonic() - t
-    # a task where the expert found no successful demo leaves a file without demos (collect keeps its counts)
-    files = [f for f in sorted(demos.glob("*.hdf5")) if demo_count(f) > 0]
-    sys.path.insert(0, str(REPO))
-    from vla_bench.envs.tasks import suite_tasks  # task names only; imports no simulator
+    timings_path = work / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
-    heldout_name = suite_tasks(SUITE)[args.heldout_task - 1].name
-    heldout = [f for f in files if f.name.startswith(heldout_name + "_demo")]
-    pretrain = [f for f in files if f not in heldout]
-    if len(heldout) != 1 or not pretrain:
-        raise SystemExit(f"expected the held-out task's file and others in {demos}, found {[f.name for f in files]}")
+    def timed(name: str, started: float) -> None:
+        timings[name] = round(time.monotonic() - started, 1)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
-    t = time.monotonic()
-    snap = write_random_base(work, args.seed)
-    add_entry(toml, "e2e-random", {"kind": "openvla", "source": os.path.relpath(snap, work)},
-              "e2e: random small Prismatic-architecture model")
-    base_run = finetune(work, log, "e2e-random", "e2e-base", pretrain,
-                        ["--full", "--steps", str(args.pretrain_steps), "--batch-size", str(args.pretrain_batch),
-                         "--lr", str(args.pretrain_lr), "--schedule", "cosine", "--warmup-steps", "100",
-                         "--weight-decay", "0.0", "--eval-every", "250", "--log-every", "50",
-                         "--save-every", "1000", "--val-fraction", "0.05", "--baseline", "e2e-random"])
-    timings["pretrain_s"] = time.monotonic() - t
-    t = time.monotonic()
+    stop = STAGES.index(args.stop_after)
+    others = [t for t in range(1, N_TASKS + 1) if t != args.heldout_task]
     baseline = f"e2e-base-task{args.heldout_task}"
-    cand_run = finetune(work, log, "e2e-base", "e2e-cand", heldout,
-                        ["--steps", str(args.lora_steps), "--batch-size", str(args.lora_batch),
-                         "--lr", str(args.lora_lr), "--eval-every", "100", "--log-every", "20",
-                         "--save-every", "400", "--val-fraction", "0.1", "--baseline", baseline])
-    timings["lora_s"] = time.monotonic() - t
-
-    t = time.monotonic()
     results = work / "results.sqlite"
     pytest = [PY, "-m", "pytest", "suites/libero_spatial", "-k", f"task{args.heldout_task}", "-p", "no:cacheprovider",
               "--checkpoints-file", str(toml), "--vla-results", str(results), "--episodes", str(args.episodes),
               "--vla-workers", str(args.workers), "--vla-baselines", str(work / "baselines")]
-    env = {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl"}
-    rc_base = sh(pytest + ["--checkpoint", "e2e-base", "--vla-save", baseline], log, env, check=False)
-    rc_gate = sh(pytest + ["--checkpoint", "e2e-cand", "--vla-compare"], log, env, check=False)
-    timings["eval_s"] = time.monotonic() - t
+
+    # 1. the pretraining tasks' demos (CPU workers)
+    t = time.monotonic()
+    sh(collect_command(args, work, others, args.pretrain_demos), log, SIM_ENV, check=False)
+    timed("collect_pretrain_s", t)
+    _, pretrain = demo_files(work, args.heldout_task)
+    if not pretrain:
+        raise SystemExit(f"no pretraining demos in {work / 'demos' / SUITE}; see {log}")
+
+    # 2. the base trains (GPU) while the held-out task's demos are collected (CPU)
+    t = time.monotonic()
+    heldout_collect = Background(collect_command(args, work, [args.heldout_task], args.heldout_demos),
+                                 work / "collect-heldout.log", SIM_ENV)
+    if stop >= 1:
+        snap = write_random_base(work, args.seed)
+        add_entry(toml, "e2e-random", {"kind": "openvla", "source": os.path.relpath(snap, work)},
+                  "e2e: random small Prismatic-architecture model")
+        base_run = finetune(work, log, "e2e-random", "e2e-base", pretrain,
+                            ["--full", "--steps", str(args.pretrain_steps), "--batch-size", str(args.pretrain_batch),
+                             "--lr", str(args.pretrain_lr), "--schedule", "cosine", "--warmup-steps", "100",
+                             "--weight-decay", "0.0", "--eval-every", "250", "--log-every", "50",
+                             "--save-every", "500", "--val-fraction", "0.05", "--baseline", "e2e-random"])
+        timed("pretrain_s", t)
+    heldout_collect.join()
+    timed("collect_heldout_and_pretrain_s", t)
+    heldout, _ = demo_files(work, args.heldout_task)
+    if len(heldout) != 1:
+        raise SystemExit(f"no demos of task{args.heldout_task} in {work / 'demos' / SUITE}; see "
+                         f"{work / 'collect-heldout.log'}")
+    if stop < 1:
+        return 0
+
+    # 3. the candidate trains (GPU) while the base is evaluated closed-loop (CPU simulators + GPU inference)
+    t = time.monotonic()
+    base_eval = Background(pytest + ["--checkpoint", "e2e-base", "--vla-save", baseline], work / "eval-base.log",
+                           SIM_ENV) if stop >= 3 else None
+    cand_run = finetune(work, log, "e2e-base", "e2e-cand", heldout,
+                        ["--steps", str(args.lora_steps), "--batch-size", str(args.lora_batch),
+                         "--lr", str(args.lora_lr), "--eval-every", "100", "--log-every", "20",
+                         "--save-every", "200", "--val-fraction", "0.1", "--baseline", baseline])
+    timed("lora_s", t)
+    if base_eval is None:
+        return 0
+    rc_base = base_eval.join()
+    timed("lora_and_eval_base_s", t)
+
+    # 4. the candidate, gated against the base's saved results
+    t = time.monotonic()
+    rc_gate = sh(pytest + ["--checkpoint", "e2e-cand", "--vla-compare"], log, SIM_ENV, check=False)
+    timed("eval_candidate_s", t)
 
     task_index = args.heldout_task - 1
     lora_log = [json.loads(line) for line in (cand_run / "log.jsonl").read_text().splitlines()]
     first = next((r for r in lora_log if r["step"] == 0), {})
     last = lora_log[-1]
+    base_run = work / "runs" / "e2e-base"
     summary = {
         "heldout_task": f"task{args.heldout_task}", "instruction": suite_tasks(SUITE)[task_index].language,
+        "demos": {"pretrain": {f.name: demo_count(f) for f in pretrain}, "heldout": demo_count(heldout[0])},
         "base": {"entry": "e2e-base", **success(results, "e2e-base", task_index),
                  "heldout_demos": {k[4:]: first.get(k) for k in ("val/loss", "val/accuracy", "val/l1")},
                  "pytest_exit": rc_base},
@@ -217,7 +283,7 @@ def main(argv=None) -> int:
                       "heldout_demos": {k[4:]: last.get(k) for k in ("val/loss", "val/accuracy", "val/l1")},
                       "gate_pytest_exit": rc_gate},
         "pretrain_final": json.loads((base_run / "log.jsonl").read_text().splitlines()[-1]),
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "timings_s": timings,
         "runs": {"base": str(base_run), "candidate": str(cand_run)},
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

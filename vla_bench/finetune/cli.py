@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from ..errors import VlaBenchError, choices
@@ -158,6 +159,7 @@ def run_finetune(args) -> int:
     from .train import prepare_examples, train
 
     rank = int(os.environ.get("RANK", "0"))
+    started = time.monotonic()
     registry = Registry.load(getattr(args, "checkpoints_file", None))
     base_spec, base_dir = _base_entry(registry, args.base)
     if args.name in registry.checkpoints and not args.replace and not args.no_register:
@@ -209,6 +211,7 @@ def run_finetune(args) -> int:
         dist.barrier()
     sets = {s: (prepare_examples(d, size, examples[s], 0) if examples[s] is not None else None)
             for s, d in (("train", train_data), ("val", val_data))}
+    prepared = time.monotonic()
     extra = {"base_entry": args.base, "base_dir": str(base_dir), "data": full.info,
              "val_data": val_data.info, "execution": full.info.get("execution"), "candidate": args.name}
     result = train(cfg, sets["train"], sets["val"], norm_stats, extra)
@@ -218,6 +221,9 @@ def run_finetune(args) -> int:
     final = result.get("final", {})
     shown = {k: round(v, 4) for k, v in final.items() if "/" in k}
     print(f"vla-bench finetune: {result['steps']} steps -> {out}; {json.dumps(shown)}")
+    # where a run's wall time went (data and frame cache vs model build, training, evaluation and writing)
+    print(f"vla-bench finetune: {len(train_data)} train / {len(val_data)} held-out examples; data + frames "
+          f"{prepared - started:.1f} s, model + training + writing {time.monotonic() - prepared:.1f} s")
     if not args.no_register:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         comment = (f"vla-bench finetune {stamp}: {'full' if args.full else 'LoRA r=%d' % args.lora_rank} on "

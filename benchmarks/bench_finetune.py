@@ -25,7 +25,7 @@ CONFIG = {"timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400
 @pytest.fixture(scope="module")
 def setup():
     from vla_bench.finetune.collate import IGNORE_INDEX
-    from vla_bench.finetune.train import ActionModel, TrainConfig, add_lora
+    from vla_bench.finetune.train import ActionModel, TrainConfig, add_lora, keep_lora_inputs_in_autocast_dtype
     from vla_bench.openvla.model import Arch, OpenVLA
 
     device = torch.device("cuda")
@@ -39,6 +39,7 @@ def setup():
         torch.set_default_dtype(default)
     cfg = TrainConfig(base="random", out="unused", unnorm_key="x", gradient_checkpointing=True)
     peft_model = add_lora(vla, cfg, "random")
+    keep_lora_inputs_in_autocast_dtype(peft_model)  # as build_model does under bf16 autocast
     vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vla.vision_backbone.featurizer.set_grad_checkpointing(True)
     vla.vision_backbone.fused_featurizer.set_grad_checkpointing(True)
@@ -111,13 +112,9 @@ def test_lora_step_breakdown(setup):
         print(f"    {ms:8.2f} ms  {name[:110]}")
 
 
-@pytest.mark.parametrize("checkpointing", ["language-only", "none"])
-def test_lora_checkpointing_variants(setup, checkpointing):
-    """The same step with less recomputation: gradient checkpointing on the language model only, or nowhere.
-    Reported beside the recipe's figures (speed bought with memory; the target caps peak memory at 24 GB)."""
-    model, optimizer, (pixels, ids, labels), _, _ = setup
-    vla = model.vla if hasattr(model, "vla") else model.module
-    towers = [vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer]
+def _median_step(model, optimizer, batch, rounds: int = 5) -> tuple[float, float]:
+    """(median seconds per optimizer step, peak GiB) after one warm-up step."""
+    pixels, ids, labels = batch
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -127,23 +124,57 @@ def test_lora_checkpointing_variants(setup, checkpointing):
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
 
-    for t in towers:
-        t.set_grad_checkpointing(False)
-    if checkpointing == "none":
-        vla.language_model.gradient_checkpointing_disable()
-    try:
+    step()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
         step()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        seconds = sorted(times)[len(times) // 2]
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        print(f"\n[train variant] checkpointing {checkpointing}: {BATCH / seconds:.1f} samples/s, "
-              f"{seconds:.3f} s/step, peak {peak:.1f} GiB")
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+@pytest.mark.parametrize("variant", ["peft-input-cast", "checkpoint-language-only", "checkpoint-none"])
+def test_lora_variants(setup, variant):
+    """The recipe with one choice changed, reported beside its figures: peft's own fp32 cast of every LoRA input
+    (what keep_lora_inputs_in_autocast_dtype turns off), or less recomputation (speed bought with memory; the target
+    caps peak memory at 24 GB)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model, optimizer, batch, _, _ = setup
+    vla = model.vla
+    towers = [vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer]
+    lora_layers = [m for m in vla.modules() if isinstance(m, BaseTunerLayer)]
+    if variant == "peft-input-cast":
+        for m in lora_layers:
+            m.cast_input_dtype_enabled = True
+    else:
+        for t in towers:
+            t.set_grad_checkpointing(False)
+        if variant == "checkpoint-none":
+            vla.language_model.gradient_checkpointing_disable()
+    try:
+        seconds, peak = _median_step(model, optimizer, batch)
+        print(f"\n[train variant] {variant}: {BATCH / seconds:.1f} samples/s, {seconds:.3f} s/step, "
+              f"peak {peak:.1f} GiB")
     finally:
+        for m in lora_layers:
+            m.cast_input_dtype_enabled = False
         for t in towers:
             t.set_grad_checkpointing(True)
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def test_lora_compiled_blocks(setup):
+    """The recipe with every transformer block torch.compile'd (`vla-bench finetune --compile`). Runs last: it
+    compiles the shared model in place."""
+    from vla_bench.finetune.train import compile_blocks
+
+    model, optimizer, batch, _, _ = setup
+    t0 = time.perf_counter()
+    n = compile_blocks(model.vla)
+    seconds, peak = _median_step(model, optimizer, batch, rounds=1)  # the warm-up compiles
+    compile_s = time.perf_counter() - t0
+    seconds, peak = _median_step(model, optimizer, batch)
+    print(f"\n[train variant] compiled ({n} blocks, {compile_s:.0f} s to compile): {BATCH / seconds:.1f} samples/s, "
+          f"{seconds:.3f} s/step, peak {peak:.1f} GiB")

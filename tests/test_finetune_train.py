@@ -115,6 +115,41 @@ def test_augmentation_crop_is_tf_crop_and_resize_and_neutral_params_change_nothi
     assert not torch.allclose(jittered, x, atol=1e-2)
 
 
+def test_lora_inputs_kept_in_bf16_under_autocast_give_the_same_loss_and_gradients(files):
+    """Turning off peft's cast of each LoRA input to the adapters' fp32 (keep_lora_inputs_in_autocast_dtype, a
+    speed-up) changes no bit of the loss or of any adapter gradient under bf16 autocast: autocast casts the input
+    straight back to bf16 for the matmul, and bf16 -> fp32 -> bf16 is exact."""
+    from vla_bench.finetune.train import keep_lora_inputs_in_autocast_dtype
+
+    _, snap_dir, _ = files
+    cfg = TrainConfig(base=str(snap_dir), out="unused", unnorm_key="toy", lora_rank=4, bf16=False)
+    snap, vla, peft_model = build_model(cfg, torch.device("cpu"))
+    vla.to(torch.bfloat16)
+    for name, param in vla.named_parameters():  # adapters in fp32 over a bf16 base, as on the GPU
+        if param.requires_grad:
+            param.data = param.data.float()
+    model = ActionModel(vla)
+    collator = Collator(snap.tokenizer, vla.arch, action_stats(STATS, "toy"))
+    rng = np.random.default_rng(4)
+    batch = collator(rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8), list(TASKS), rng.uniform(-1, 1, (2, 7)))
+
+    def loss_and_grads():
+        vla.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in vla.named_parameters() if p.grad is not None}
+
+    loss_cast, grads_cast = loss_and_grads()
+    assert keep_lora_inputs_in_autocast_dtype(peft_model) > 0
+    loss_kept, grads_kept = loss_and_grads()
+    assert torch.equal(loss_cast, loss_kept)
+    assert grads_cast.keys() == grads_kept.keys() and len(grads_kept) > 0
+    assert any(g.abs().sum() > 0 for g in grads_kept.values())
+    for name in grads_cast:
+        assert torch.equal(grads_cast[name], grads_kept[name]), name
+
+
 def test_labels_cover_action_tokens_and_training_forward_matches_inference(files):
     """Labels are -100 except the 7 action tokens and EOS; the training forward (right-padded rows, causal
     attention, patches after BOS, LM head only at target positions) gives the logits and loss of the inference

@@ -64,6 +64,8 @@ def add_finetune_arguments(parser) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--bf16", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto: on CUDA)")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (fused elementwise kernels; compiling takes a minute)")
     g.add_argument("--no-image-aug", action="store_true", help="turn off random crop + colour jitter")
     g.add_argument("--no-eos-loss", action="store_true", help="loss on the 7 action tokens only, not EOS")
     g.add_argument("--seed", type=int, default=7)
@@ -128,6 +130,7 @@ def config_from_args(args, base_dir: Path, out: Path, unnorm_key: str, prompt: s
         lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm, device=args.device,
         bf16={"auto": None, "on": True, "off": False}[args.bf16], gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile,
         image_aug=not args.no_image_aug, eos_loss=not args.no_eos_loss, prompt=prompt, seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,

@@ -26,6 +26,26 @@ def test_simulator_exception_is_that_episodes_error_and_the_env_goes_on():
         assert again.error is None and env.step({0: np.zeros(7)})[0].error is None
 
 
+def test_workers_prepare_the_policy_frame_in_parallel_and_it_equals_the_main_process_chain():
+    """An observation_transform (OpenVLA's frame chain) runs inside each env worker - after the simulator, with
+    torch imported there - and the frame it sends equals the chain run on the raw frame in this process; a policy
+    with other chain settings does not take it."""
+    from vla_bench.openvla.image import FrameChain, reference_chain
+
+    chain = FrameChain("agentview_image", flip=True, crop=True)
+    protocol = reference_protocol("libero_spatial")
+    with VectorLiberoEnv(protocol, 0, 2, cameras=("agentview",), observation_transform=chain) as env:
+        results = env.reset({0: (0, 1), 1: (1, 2)})
+        results.update(env.step({0: np.zeros(7), 1: np.zeros(7)}))
+    for result in results.values():
+        made_by, frame = result.obs[FrameChain.PREPARED]
+        assert made_by == chain and frame.shape == (224, 224, 3) and frame.dtype == np.uint8
+        assert np.array_equal(frame, reference_chain(result.obs["agentview_image"], flip=True, crop=True))
+        assert chain.frame(result.obs) is frame
+        other = FrameChain("agentview_image", flip=True, crop=False)
+        assert np.array_equal(other.frame(result.obs), reference_chain(result.obs["agentview_image"], True, False))
+
+
 def test_an_episode_is_the_same_whatever_ran_before_it_in_the_process():
     """The same (task, init state, seed) gives the same scene after the wait steps, even when another episode
     ran first in the same env, one that moved the arm and closed the gripper (LIBERO re-places fixtures from

@@ -124,7 +124,8 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
         # cheap CPU policies (scripted expert, controls) run whole episodes inside the workers
         in_workers = bool(getattr(policy, "runs_in_worker", False))
         with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
-                             policy.needs_privileged, local_policy=policy if in_workers else None) as env:
+                             policy.needs_privileged, local_policy=policy if in_workers else None,
+                             observation_transform=getattr(policy, "observation_transform", None)) as env:
             def on_done(outcome: EpisodeOutcome) -> bool:
                 video = None
                 if outcome.frames and wants_video(settings.video, outcome.success):

@@ -47,7 +47,8 @@ def _run_episode(env, policy, init_index: int, seed: int, instruction: str, reco
     return dict(success=success, steps=steps, wall_s=time.perf_counter() - started, frames=frames)
 
 
-def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privileged: bool, policy=None) -> None:
+def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privileged: bool, policy=None,
+            transform=None) -> None:
     # one BLAS thread per worker: the workers already fill the cores, more threads only oversubscribe them
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     env = None
@@ -55,6 +56,11 @@ def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privilege
         from .libero import LiberoTaskEnv
 
         env = LiberoTaskEnv(protocol, task_index, cameras, privileged)
+        if transform is not None:  # torch only after the simulator (see policies/base.py), and one thread of it
+            import torch
+
+            torch.set_num_threads(1)
+        observe = transform if transform is not None else (lambda obs: obs)
         conn.send(("ready", env.backend))
         while True:
             command, *args = conn.recv()
@@ -62,10 +68,10 @@ def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privilege
                 break
             try:
                 if command == "reset":
-                    conn.send(("ok", SlotResult(env.reset(*args))))
+                    conn.send(("ok", SlotResult(observe(env.reset(*args)))))
                 elif command == "step":
                     obs, done = env.step(args[0])
-                    conn.send(("ok", SlotResult(obs, done)))
+                    conn.send(("ok", SlotResult(observe(obs), done)))
                 elif command == "episode":
                     conn.send(("ok", _run_episode(env, policy, *args)))
             except Exception:  # a simulator error ends this episode only; the env is reset for the next one
@@ -84,9 +90,10 @@ class VectorLiberoEnv:
     """`n` workers for one (suite, task); `reset(slot, init_index, seed)` and `step({slot: action})`."""
 
     def __init__(self, protocol: Protocol, task_index: int, n: int, cameras: tuple[str, ...] = (),
-                 privileged: bool = False, local_policy=None):
-        """local_policy: a copy of the policy for every worker (see `run_episodes`), or None."""
-        self.args = (protocol, task_index, tuple(cameras), privileged, local_policy)
+                 privileged: bool = False, local_policy=None, observation_transform=None):
+        """local_policy: a copy of the policy for every worker (see `run_episodes`), or None.
+        observation_transform: applied by each worker to its observations (policies/base.py), or None."""
+        self.args = (protocol, task_index, tuple(cameras), privileged, local_policy, observation_transform)
         self.ctx = mp.get_context("spawn")
         self.workers: list = [None] * n
         self.backend = None

@@ -85,14 +85,16 @@ class OpenVLAPolicy:
         self.stats = normalization.action_stats(stats, self.unnorm_key, where)
         self.repeater = ActionRepeater(action_repeat)  # the execution rule of a subsampled fine-tune (k = 1: none)
         self.action_repeat = self.repeater.action_repeat
+        # env workers run the image chain on their own frames, in parallel (policies/base.py)
+        self.observation_transform = image.FrameChain(self.convention.image_key, self.convention.flip,
+                                                      self.center_crop, base.model.arch.image_size)
 
     def reset(self, slot: int, seed: int) -> None:
         """A new episode in `slot`: its action-repeat phase restarts (greedy decoding itself keeps no state)."""
         self.repeater.reset(slot)
 
     def frame(self, observation: dict) -> np.ndarray:
-        return image.reference_chain(observation[self.convention.image_key], flip=self.convention.flip,
-                                     crop=self.center_crop, size=self.base.model.arch.image_size)
+        return self.observation_transform.frame(observation)
 
     def infer(self, observations: Sequence[dict], instructions: Sequence[str], return_logits: bool = False
               ) -> Inference:

@@ -22,6 +22,10 @@ class Policy(Protocol):
     needs_privileged: bool
     # Optional: `runs_in_worker = True` says the policy is cheap, CPU-only and picklable, so each env worker gets
     # its own copy and runs whole episodes (no lockstep batching); models on a GPU leave it unset.
+    # Optional: `observation_transform`, a picklable callable obs -> obs that every env worker applies to its
+    # observations before sending them (per-frame preprocessing then runs in parallel across workers, not serially
+    # in the policy's process). It must not import timm/torchvision (they segfault after robosuite), and the
+    # policy must still accept untransformed observations (open-loop suites read frames from files).
 
     def reset(self, slot: int, seed: int) -> None:
         """A new episode starts in env slot `slot`; `seed` makes any randomness of the policy reproducible."""

@@ -110,3 +110,25 @@ def test_worker_records_both_cameras(tmp_path):
     np.testing.assert_array_equal(gt["image"], episode["obs"]["agentview_rgb"])
     np.testing.assert_array_equal(gt["wrist_image"], episode["obs"]["eye_in_hand_rgb"])
     assert gt["state"].shape == (4, 8)
+
+
+def test_a_file_from_an_older_random_reset_is_not_resumed(tmp_path):
+    """Demos recorded under other random-reset semantics (envs/libero.py RANDOM_RESET_VERSION) started from other
+    scenes: resuming into such a file would mix them, so collect refuses and names the file; a fresh file records
+    the current version."""
+    from vla_bench.collect import RESET_ATTR, _open_task_file
+    from vla_bench.envs.libero import RANDOM_RESET_VERSION
+    from vla_bench.envs.tasks import suite_tasks
+    from vla_bench.errors import VlaBenchError
+
+    task = suite_tasks(SUITE)[0]
+    path = tmp_path / "t_demo.hdf5"
+    assert _open_task_file(path, task, SUITE, {}) == (0, set(), set())
+    with h5py.File(path, "r") as f:
+        assert int(f["data"].attrs[RESET_ATTR]) == RANDOM_RESET_VERSION
+    assert _open_task_file(path, task, SUITE, {}) == (0, set(), set())  # the current version resumes
+    with h5py.File(path, "a") as f:  # as a file written before the version was recorded, with one attempt in it
+        del f["data"].attrs[RESET_ATTR]
+        f["data"].attrs[FAILED_ATTR] = "[12345]"
+    with pytest.raises(VlaBenchError, match="t_demo.hdf5.*random-reset version 1.*delete the file"):
+        _open_task_file(path, task, SUITE, {})

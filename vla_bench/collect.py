@@ -39,6 +39,7 @@ import h5py
 import numpy as np
 
 from .data.libero_hdf5 import append_libero_demo, demo_keys, write_libero_demos
+from .envs.libero import RANDOM_RESET_VERSION
 from .errors import VlaBenchError, choices
 from .protocol import MAX_STEPS, Protocol, reference_protocol
 
@@ -47,6 +48,7 @@ CAMERAS = (("agentview", "agentview_image", "agentview_rgb"),
            ("robot0_eye_in_hand", "robot0_eye_in_hand_image", "eye_in_hand_rgb"))
 DEFAULT_CAMERAS = tuple(name for name, _, _ in CAMERAS)
 FAILED_ATTR = "vla_bench_failed_seeds"
+RESET_ATTR = "vla_bench_random_reset_version"
 DEFAULT_EXPERT = "expert"
 
 
@@ -219,11 +221,13 @@ def _open_task_file(path: Path, task, suite: str, env_args: dict) -> tuple[int, 
                            bddl_file_name=task.bddl_path, env_args=env_args)
         with h5py.File(path, "a") as f:
             f["data"].attrs[FAILED_ATTR] = "[]"
+            f["data"].attrs[RESET_ATTR] = RANDOM_RESET_VERSION
         return 0, set(), set()
     try:
         with h5py.File(path, "r") as f:
             data = f["data"]
             keys = demo_keys(data)
+            version = int(data.attrs.get(RESET_ATTR, 1))
             kept = {int(data[k].attrs["seed"]) for k in keys if "seed" in data[k].attrs}
             failed = set(json.loads(data.attrs.get(FAILED_ATTR, "[]")))
             language = json.loads(data.attrs.get("problem_info", "{}")).get("language_instruction", "")
@@ -232,6 +236,10 @@ def _open_task_file(path: Path, task, suite: str, env_args: dict) -> tuple[int, 
                             "Move it away (its complete demos can be copied out with h5py) and run again") from e
     if language and language != task.language:
         raise VlaBenchError(f"{path} holds demos of {language!r}, not of {task.language!r}: choose another --out")
+    if version != RANDOM_RESET_VERSION and (keys or failed):
+        raise VlaBenchError(f"{path} was collected with random-reset version {version}, this vla-bench resets with "
+                            f"version {RANDOM_RESET_VERSION} (see envs/libero.py: scenes differ), so its demos cannot "
+                            "be continued: delete the file or choose another --out")
     return len(keys), kept, failed
 
 

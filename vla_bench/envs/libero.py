@@ -12,6 +12,12 @@ from . import rendering
 from .tasks import init_states, suite_tasks
 
 
+#: The version of reset_random's scene semantics, stored in collected demo files so that demos from an older,
+#: different placement are not mixed with new ones on resume. 2: fixtures are homed before each soft reset (in 1,
+#: objects on stove/cabinet regions started 0.28-0.44 m off their region, many off the table).
+RANDOM_RESET_VERSION = 2
+
+
 class LiberoTaskEnv:
     def __init__(self, protocol: Protocol, task_index: int, cameras: tuple[str, ...] = (),
                  privileged: bool = False):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end proof of `vla-bench finetune` on a GPU host (one H100, 16 CPU cores: ~8 minutes with the defaults).
+# The end-to-end proof of `vla-bench finetune` on a GPU host (one GPU, 16 CPU cores; stage timings in e2e_finetune.py).
 # Usage: scripts/e2e_finetune_gpu.sh [extra options of scripts/e2e_finetune.py, e.g. --heldout-task 3 --work e2e-2]
 # Re-running the same command resumes: each stage skips what it finished (demos, runs, episodes in the results store).
 set -euo pipefail

@@ -5,7 +5,8 @@ layer (the module set the published run wrapped), AdamW lr 5e-4 constant, micro-
 
 `train(config, train_set, val_set, norm_stats)` reads top to bottom: distributed setup, model, data order,
 optimizer, resume, the loop (accumulate, step, log, evaluate, checkpoint), outputs. The same code runs in one process
-or under `torchrun` / `accelerate launch` (DDP; the env vars they set are all it looks at).
+or under `torchrun` / `accelerate launch` (the env vars they set are all it looks at): DDP for LoRA, FSDP (FSDP2,
+sharded per transformer block) for a full fine-tune.
 
 Determinism: the example order is a seeded permutation per epoch over an endless stream of positions, and each
 example's augmentation is drawn from a generator seeded by (seed, stream position); the global RNG (LoRA dropout)
@@ -354,6 +355,110 @@ def wrap_ddp(module: nn.Module, d: Dist, device) -> nn.Module:
                gradient_as_bucket_view=True)
 
 
+def transformer_blocks(vla) -> list[nn.Module]:
+    """Both towers' ViT blocks and the Llama decoder layers (the units compile_blocks compiles and FSDP shards)."""
+    towers = (getattr(vla.vision_backbone, "featurizer", None), getattr(vla.vision_backbone, "fused_featurizer", None))
+    vit = [blk for tower in towers if tower is not None for blk in tower.blocks]
+    return vit + list(vla.language_model.model.layers)
+
+
+def wrap_fsdp(module: nn.Module, d: Dist, device) -> nn.Module:
+    """Shard a full fine-tune over the ranks: FSDP2's fully_shard on every transformer block, then on the root
+    (ActionModel: embeddings, patch embeddings, projector, norms, lm_head, SigLIP's unused MAP head). FSDP2, not
+    FSDP1: fully_shard runs on CPU with a gloo device mesh in torch 2.14 (reduce-scatter, gradient-sync toggling,
+    clip_grad_norm_ on DTensor gradients, AdamW on DTensor parameters and the full state-dict round trip were
+    checked there; the CI test runs it with 2 CPU processes). Parameters become DTensors sharded on dim 0, in place,
+    under their own names; no mixed-precision policy: bf16 autocast runs over fp32 gathered weights as without
+    FSDP. Unused parameters (the last ViT block, the MAP head) keep grad None on every rank, which FSDP2 allows."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (d.world,))
+    for blk in transformer_blocks(module.vla):
+        fully_shard(blk, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def wrap_model(module: nn.Module, d: Dist, device, lora: bool) -> nn.Module:
+    """One process: the module itself; several: DDP for LoRA (a small replicated adapter), FSDP for a full fine-tune
+    (weights, gradients and AdamW state sharded). Returns what the loop calls; `module` keeps its parameter names."""
+    if d.world == 1:
+        return module
+    return wrap_ddp(module, d, device) if lora else wrap_fsdp(module, d, device)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")  # FSDP2's fully_shard-ed module
+
+
+def gradient_sync(model: nn.Module, sync: bool):
+    """A context for one micro-step's forward (its backward follows outside it): gradients are averaged over the
+    ranks only on the last micro-step of an accumulation. DDP decides at forward time (no_sync); FSDP2 reads a flag
+    at backward time, so it is set here for this micro-step's forward and backward (unsynced micro-steps keep
+    unsharded gradients until the last one reduce-scatters the sum)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+        return _nullcontext()
+    return model.no_sync() if not sync and hasattr(model, "no_sync") else _nullcontext()
+
+
+def _names(module: nn.Module) -> list[str]:
+    """Trainable parameter names in the optimizer's order (its param ids 0..n-1)."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
+def gather_full_state(module: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """A sharded module's full state on rank 0 (CPU), through torch.distributed.checkpoint.state_dict: the model's
+    state dict (parameters and buffers, unsharded) and the optimizer's in optimizer.state_dict()'s layout (param
+    ids, so a checkpoint reads the same whatever wrote it). Every rank must call it (all-gathers); other ranks
+    get empty dicts. Unsharded entries (buffers, AdamW's `step`) are the live tensors, not copies: write them out
+    before the next step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+        get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(module, options=opts)
+    if optimizer is None:
+        return weights, None
+    by_name = get_optimizer_state_dict(module, optimizer, options=opts)
+    if not by_name:
+        return weights, {}
+    index = {n: i for i, n in enumerate(_names(module))}
+    return weights, {"state": {index[n]: v for n, v in by_name["state"].items()},
+                     "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                      for g in by_name["param_groups"]]}
+
+
+def scatter_full_state(module: nn.Module, optimizer, weights: dict, optim_state: dict | None, main: bool) -> None:
+    """The inverse of gather_full_state: rank 0 passes the full state (the others anything), every rank gets its
+    shards (broadcast from rank 0, so only rank 0 reads files). The weights may be the trainable ones only."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+
+    # strict=False: the optimizer holds no state for parameters that never got a gradient (the unused ones)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(module, weights if main else {}, options=opts)
+    if optimizer is not None:
+        by_name = {}
+        if main:
+            names = _names(module)
+            by_name = {"state": {names[i]: v for i, v in optim_state["state"].items()},
+                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                        for g in optim_state["param_groups"]]}
+        set_optimizer_state_dict(module, optimizer, by_name, options=opts)
+
+
+class FullWeights:
+    """What write_snapshot needs of a model whose weights are sharded: the gathered state dict and the arch."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], arch):
+        self._state, self.arch = dict(state), arch
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
 # ---- schedule and checkpoints -------------------------------------------------------------------------------------
 def lr_lambda(cfg: TrainConfig):
     def factor(step: int) -> float:
@@ -370,20 +475,29 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, keep: int, sharded: bool = False,
+                    main: bool = True) -> Path | None:
     """Write checkpoints/step-N atomically (a temp dir renamed into place, then the `latest` pointer replaced), so
-    a kill at any moment leaves the previous checkpoint usable."""
+    a kill at any moment leaves the previous checkpoint usable. Sharded (FSDP): every rank calls it, the full
+    weights and optimizer state are gathered to rank 0, which writes the same files as an unsharded run."""
     from safetensors.torch import save_file
 
+    if sharded:
+        full, optim_state = gather_full_state(module, optimizer)
+        if not main:
+            return None
+        weights = {n: full[n].contiguous() for n in _names(module)}
+    else:
+        weights, optim_state = trainable_state(module), optimizer.state_dict()
     root = out / "checkpoints"
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+    save_file(weights, str(tmp / "trainable.safetensors"))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng},
                tmp / "state.pt")
     (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
     final = root / f"step-{step:08d}"
@@ -397,20 +511,36 @@ def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, keep: in
     return final
 
 
-def load_checkpoint(out: Path, module, optimizer, scheduler) -> int:
-    """Restore the latest checkpoint into module/optimizer/scheduler/RNG; returns its step (0 when none)."""
+def load_checkpoint(out: Path, module, optimizer, scheduler, sharded: bool = False, main: bool = True) -> int:
+    """Restore the latest checkpoint into module/optimizer/scheduler/RNG; returns its step (0 when none). Sharded
+    (FSDP): every rank calls it; rank 0 reads the files and every rank receives its shards of the weights and of
+    the optimizer state (so a checkpoint resumes under FSDP whatever world size or wrapping wrote it)."""
     from safetensors.torch import load_file
 
     pointer = out / "checkpoints" / "latest"
     if not pointer.is_file():
         return 0
     folder = out / "checkpoints" / pointer.read_text().strip()
-    params = dict(module.named_parameters())
-    for name, value in load_file(str(folder / "trainable.safetensors")).items():
-        with torch.no_grad():
-            params[name].copy_(value)
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        state = None
+        if main:
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            scatter_full_state(module, optimizer, load_file(str(folder / "trainable.safetensors")),
+                               state["optimizer"], True)
+        else:
+            scatter_full_state(module, optimizer, {}, None, False)
+        import torch.distributed as dist
+
+        small = [{"scheduler": state["scheduler"], "rng": state["rng"]} if main else None]
+        dist.broadcast_object_list(small, src=0)
+        state = small[0]
+    else:
+        params = dict(module.named_parameters())
+        for name, value in load_file(str(folder / "trainable.safetensors")).items():
+            with torch.no_grad():
+                params[name].copy_(value)
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -463,6 +593,7 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
         out.mkdir(parents=True, exist_ok=True)
         write_dataset_statistics(out, norm_stats)
         run_config = {"train": cfg.to_json(), "world_size": d.world,
+                      "parallel": ("ddp" if cfg.lora else "fsdp") if d.world > 1 else None,
                       "global_batch": cfg.batch_size * d.world * cfg.grad_accum,
                       "examples": {"train": len(train_set), "val": len(val_set) if val_set is not None else 0},
                       **dict(extra_config or {})}
@@ -472,7 +603,8 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
     collator = Collator(snap.tokenizer, vla.arch, action_stats(norm_stats, cfg.unnorm_key), prompt=cfg.prompt,
                         eos_loss=cfg.eos_loss, augment=augment.PUBLISHED if cfg.image_aug else None)
     module = ActionModel(vla).to(device)
-    model = wrap_ddp(module, d, device)
+    model = wrap_model(module, d, device, cfg.lora)  # FSDP shards `module` in place: model is module
+    sharded = is_sharded(model)
     bf16 = use_bf16(cfg, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else \
         (lambda: torch.autocast(device.type, enabled=False))
@@ -480,7 +612,7 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    step = load_checkpoint(out, module, optimizer, scheduler)
+    step = load_checkpoint(out, module, optimizer, scheduler, sharded, d.main)
     if d.main:
         trim_log(log_path, step)
 
@@ -502,11 +634,11 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
                 batch = make_batch(collator, train_set, stream.indices(first, cfg.batch_size), device,
                                    cfg.seed if cfg.image_aug else None, positions)
                 sync = micro == cfg.grad_accum - 1 or d.world == 1
-                with (model.no_sync() if not sync else _nullcontext()), autocast():
+                with gradient_sync(model, sync), autocast():
                     loss, m = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action)
                 (loss / cfg.grad_accum).backward()
                 running += m
-            if cfg.max_grad_norm:
+            if cfg.max_grad_norm:  # FSDP: DTensor gradients, whose norm clip_grad_norm_ all-reduces
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -531,13 +663,17 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
                                     description=f"loss {record['train/loss']:.3f} acc {record['train/accuracy']:.2f}")
             elif progress is not None:
                 progress.update(progress.task_ids[0], completed=step)
-            if step % cfg.save_every == 0 and step < cfg.max_steps and d.main:
-                save_checkpoint(out, step, module, optimizer, scheduler, cfg.keep_checkpoints)
+            if step % cfg.save_every == 0 and step < cfg.max_steps and (d.main or sharded):
+                save_checkpoint(out, step, module, optimizer, scheduler, cfg.keep_checkpoints, sharded, d.main)
     finally:
         if progress is not None:
             progress.stop()
 
     result: dict[str, Any] = {"out": str(out), "steps": step - start_step}
+    final_model = vla
+    if sharded:  # every rank takes part in gathering the full weights; rank 0 writes them
+        full, _ = gather_full_state(module)
+        final_model = FullWeights({n[len("vla."):]: t for n, t in full.items() if n.startswith("vla.")}, vla.arch)
     if d.main:
         lines = log_path.read_text().splitlines() if log_path.is_file() else []
         result["final"] = json.loads(lines[-1]) if lines else {}
@@ -553,7 +689,7 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
                 write_dataset_statistics(out / "merged", norm_stats)
                 result["merged"] = str(out / "merged")
         else:
-            write_snapshot(out / "model", vla, {**snap.norm_stats, **norm_stats}, cfg.base)
+            write_snapshot(out / "model", final_model, {**snap.norm_stats, **norm_stats}, cfg.base)
             write_dataset_statistics(out / "model", norm_stats)
             result["model"] = str(out / "model")
         plots.plot_curves(log_path, out / "curves.png")

@@ -150,6 +150,22 @@ def test_lora_inputs_kept_in_bf16_under_autocast_give_the_same_loss_and_gradient
         assert torch.equal(grads_cast[name], grads_kept[name]), name
 
 
+def test_compile_blocks_compiles_every_tower_block_and_decoder_layer_and_nothing_else(files):
+    """`--compile` wraps each ViT block of both towers and each Llama decoder layer (the units FSDP shards too),
+    and leaves the prefix splice, the projector and the LM head eager (compiling is lazy: no forward runs here)."""
+    from vla_bench.finetune.train import compile_blocks, transformer_blocks
+
+    _, snap_dir, _ = files
+    cfg = TrainConfig(base=str(snap_dir), out="unused", unnorm_key="toy", lora_rank=4)
+    _, vla, _ = build_model(cfg, torch.device("cpu"))
+    blocks = transformer_blocks(vla)
+    towers = vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer
+    assert len(blocks) == sum(len(t.blocks) for t in towers) + len(vla.language_model.model.layers)
+    assert compile_blocks(vla) == len(blocks)
+    compiled = {id(m) for m in vla.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == {id(b) for b in blocks}
+
+
 def test_labels_cover_action_tokens_and_training_forward_matches_inference(files):
     """Labels are -100 except the 7 action tokens and EOS; the training forward (right-padded rows, causal
     attention, patches after BOS, LM head only at target positions) gives the logits and loss of the inference

@@ -223,15 +223,19 @@ def keep_lora_inputs_in_autocast_dtype(peft_model) -> int:
     return len(layers)
 
 
+def transformer_blocks(vla) -> list[nn.Module]:
+    """Both towers' ViT blocks and the Llama decoder layers (the units compile_blocks compiles and FSDP shards)."""
+    towers = (getattr(vla.vision_backbone, "featurizer", None), getattr(vla.vision_backbone, "fused_featurizer", None))
+    vit = [blk for tower in towers if tower is not None for blk in tower.blocks]
+    return vit + list(vla.language_model.model.layers)
+
+
 def compile_blocks(vla) -> int:
     """torch.compile every transformer block (both towers' ViT blocks, the Llama decoder layers) so that each
     block's elementwise chains (norms, rotary, activations, LoRA's scale-and-add, casts) run as fused kernels.
     Per block, not the whole model: the blocks of a tower share one compiled graph (their parameters are graph
     inputs), gradient checkpointing still wraps each block, and the prefix splice stays eager. Returns the count."""
-    blocks = [blk for tower in (getattr(vla.vision_backbone, "featurizer", None),
-                                getattr(vla.vision_backbone, "fused_featurizer", None)) if tower is not None
-              for blk in tower.blocks]
-    blocks += list(vla.language_model.model.layers)
+    blocks = transformer_blocks(vla)
     for blk in blocks:
         blk.compile()
     return len(blocks)
@@ -353,13 +357,6 @@ def wrap_ddp(module: nn.Module, d: Dist, device) -> nn.Module:
     # unused parameters exist by design: the last ViT block and SigLIP's MAP head (the reference's setting too)
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
                gradient_as_bucket_view=True)
-
-
-def transformer_blocks(vla) -> list[nn.Module]:
-    """Both towers' ViT blocks and the Llama decoder layers (the units compile_blocks compiles and FSDP shards)."""
-    towers = (getattr(vla.vision_backbone, "featurizer", None), getattr(vla.vision_backbone, "fused_featurizer", None))
-    vit = [blk for tower in towers if tower is not None for blk in tower.blocks]
-    return vit + list(vla.language_model.model.layers)
 
 
 def wrap_fsdp(module: nn.Module, d: Dist, device) -> nn.Module:

@@ -300,3 +300,25 @@ def test_published_dtype_is_cast_on_load(files, tmp_path):
     model = checkpoint.load_snapshot(snap, device="cpu").model
     assert model.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_chain_that_cannot_compile_falls_back_to_the_plain_ops_with_a_warning():
+    """The fast path's compiled elementwise chains are a speed-up, never a requirement: when compiling fails, the
+    call warns once and returns the plain function's result, and later calls go straight to the plain function."""
+    import warnings
+
+    from vla_bench.openvla.model import _compiled_or_plain
+
+    calls = []
+
+    def needs_the_host(x):  # .tolist() is a graph break, which fullgraph=True refuses
+        calls.append(1)
+        return x * float(sum(x.tolist()))
+
+    fn = _compiled_or_plain(needs_the_host)
+    x = torch.tensor([1.0, 2.0])
+    with pytest.warns(UserWarning, match="torch.compile of needs_the_host failed"):
+        assert torch.equal(fn(x), torch.tensor([3.0, 6.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(fn(x), torch.tensor([3.0, 6.0]))

@@ -396,6 +396,7 @@ class FastGenerator:
         if prefill_attention not in (None, "flash"):
             raise ValueError(f"prefill_attention must be None or 'flash', got {prefill_attention!r}")
         self.prefill_attention = prefill_attention
+        self._silu = model.language_model.config.hidden_act == "silu"  # Llama's; else the module's own activation
         # a graph replays the kernels of the LoRA adapter that was active when it was captured, so each adapter
         # (variant) has its own graphs; caches hold no adapter state (each call rewrites what it reads) and are shared
         self._states: dict[tuple, dict] = {}
@@ -476,7 +477,7 @@ class FastGenerator:
                 q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=attn.scaling, **gqa)
         hidden, x = self.ops.add_rms_norm(hidden, attn.o_proj(out.transpose(1, 2).reshape(b, n, -1)), norm2.weight,
                                           norm2.variance_epsilon)
-        if isinstance(mlp.act_fn, nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation":
+        if self._silu:
             act = self.ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))
         else:  # not Llama's SiLU: keep the module's own activation
             act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)

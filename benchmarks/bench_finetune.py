@@ -58,8 +58,9 @@ def setup():
     return model, optimizer, batch, sum(p.numel() for p in params), peft_model
 
 
-def test_lora_r32_microbatch16_samples_per_second(benchmark, setup):
-    model, optimizer, (pixels, ids, labels), trainable, _ = setup
+def _train_step(model, optimizer, batch, sync: bool = True):
+    """One optimizer step of the recipe on `batch`, as a callable (synchronized when `sync`, for timing)."""
+    pixels, ids, labels = batch
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -67,20 +68,33 @@ def test_lora_r32_microbatch16_samples_per_second(benchmark, setup):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if sync:
+            torch.cuda.synchronize()
 
-    for _ in range(2):  # warm-up: kernels, optimizer state allocation
+    return step
+
+
+def _measure(benchmark, step, label: str, rounds: int, warmup: int = 2) -> tuple[float, float]:
+    """pytest-benchmark over `step` after `warmup` steps (kernels, optimizer state, compiling): (mean seconds per
+    step, peak GiB), both also in the benchmark's extra_info, and a printed line."""
+    for _ in range(warmup):
         step()
     torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    benchmark.pedantic(step, rounds=8, iterations=1)
+    benchmark.pedantic(step, rounds=rounds, iterations=1)
     seconds = benchmark.stats.stats.mean
     peak = torch.cuda.max_memory_allocated() / 2**30
     benchmark.extra_info.update({"samples_per_s": BATCH / seconds, "seconds_per_step": seconds, "peak_gib": peak,
-                                 "trainable_params": trainable, "micro_batch": BATCH,
-                                 "gpu": torch.cuda.get_device_name(), "wall_s": time.perf_counter() - t0})
-    print(f"\nOpenVLA-7B LoRA r=32, micro-batch {BATCH}, grad ckpt: {BATCH / seconds:.1f} samples/s, "
-          f"{seconds:.3f} s/step, peak {peak:.1f} GiB, {trainable / 1e6:.1f}M trainable")
+                                 "micro_batch": BATCH, "gpu": torch.cuda.get_device_name()})
+    print(f"\n[train] {label}: {BATCH / seconds:.1f} samples/s, {seconds:.3f} s/step, peak {peak:.1f} GiB")
+    return seconds, peak
+
+
+def test_lora_r32_microbatch16_samples_per_second(benchmark, setup):
+    """The recipe: the baseline the variants below are read against (same run, same model, same batch)."""
+    model, optimizer, batch, trainable, _ = setup
+    benchmark.extra_info["trainable_params"] = trainable
+    _measure(benchmark, _train_step(model, optimizer, batch), f"recipe, LoRA r=32, micro-batch {BATCH}, grad ckpt, "
+             f"{trainable / 1e6:.1f}M trainable", rounds=8)
     assert trainable == 110_828_288
 
 
@@ -89,15 +103,8 @@ def test_lora_step_breakdown(setup):
     and the kernels by kind, for the recipe as benchmarked above."""
     from bench_openvla import _kernel_table  # one home for the kernel classification
 
-    model, optimizer, (pixels, ids, labels), _, _ = setup
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = model(pixels, ids, labels, 7)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    model, optimizer, batch, _, _ = setup
+    step = _train_step(model, optimizer, batch, sync=False)
     step()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -112,33 +119,11 @@ def test_lora_step_breakdown(setup):
         print(f"    {ms:8.2f} ms  {name[:110]}")
 
 
-def _median_step(model, optimizer, batch, rounds: int = 5) -> tuple[float, float]:
-    """(median seconds per optimizer step, peak GiB) after one warm-up step."""
-    pixels, ids, labels = batch
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = model(pixels, ids, labels, 7)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-
-    step()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
-
-
 @pytest.mark.parametrize("variant", ["peft-input-cast", "checkpoint-language-only", "checkpoint-none"])
-def test_lora_variants(setup, variant):
-    """The recipe with one choice changed, reported beside its figures: peft's own fp32 cast of every LoRA input
-    (what keep_lora_inputs_in_autocast_dtype turns off), or less recomputation (speed bought with memory; the target
-    caps peak memory at 24 GB)."""
+def test_lora_variants(benchmark, setup, variant):
+    """The recipe with one choice changed, against the recipe's figures in the same run: peft's own fp32 cast of
+    every LoRA input (what keep_lora_inputs_in_autocast_dtype turns off), or less recomputation (speed bought with
+    memory; the target caps peak memory at 24 GB)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     model, optimizer, batch, _, _ = setup
@@ -154,9 +139,7 @@ def test_lora_variants(setup, variant):
         if variant == "checkpoint-none":
             vla.language_model.gradient_checkpointing_disable()
     try:
-        seconds, peak = _median_step(model, optimizer, batch)
-        print(f"\n[train variant] {variant}: {BATCH / seconds:.1f} samples/s, {seconds:.3f} s/step, "
-              f"peak {peak:.1f} GiB")
+        _measure(benchmark, _train_step(model, optimizer, batch), variant, rounds=5, warmup=1)
     finally:
         for m in lora_layers:
             m.cast_input_dtype_enabled = False
@@ -165,16 +148,16 @@ def test_lora_variants(setup, variant):
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def test_lora_compiled_blocks(setup):
-    """The recipe with every transformer block torch.compile'd (`vla-bench finetune --compile`). Runs last: it
-    compiles the shared model in place."""
+def test_lora_compiled_blocks(benchmark, setup):
+    """The recipe with every transformer block torch.compile'd (`vla-bench finetune --compile`), against the
+    recipe's figures in the same run. Runs last: it compiles the shared model in place."""
     from vla_bench.finetune.train import compile_blocks
 
     model, optimizer, batch, _, _ = setup
+    step = _train_step(model, optimizer, batch)
     t0 = time.perf_counter()
     n = compile_blocks(model.vla)
-    seconds, peak = _median_step(model, optimizer, batch, rounds=1)  # the warm-up compiles
+    step()  # compiles
     compile_s = time.perf_counter() - t0
-    seconds, peak = _median_step(model, optimizer, batch)
-    print(f"\n[train variant] compiled ({n} blocks, {compile_s:.0f} s to compile): {BATCH / seconds:.1f} samples/s, "
-          f"{seconds:.3f} s/step, peak {peak:.1f} GiB")
+    benchmark.extra_info["compile_s"] = compile_s
+    _measure(benchmark, step, f"compiled ({n} blocks, {compile_s:.0f} s to compile)", rounds=5, warmup=1)

@@ -144,9 +144,9 @@ def test_fsdp_full_finetune_gradients_match_single_process_and_its_checkpoint_ro
     assert len(optimizer.state) == len(single)  # AdamW state for every parameter that had a gradient
 
 
-def test_finetune_command_under_torchrun_follows_the_single_process_curve(tmp_path):
-    """2 processes x micro-batch 2 log the same losses as 1 process x micro-batch 4 (same global batches, the
-    same augmentations), and only rank 0 writes the outputs."""
+def _cli_run(tmp_path: Path, steps: int, *extra: str):
+    """A tiny snapshot, demos and checkpoints.toml for `vla-bench finetune`; returns (argv builder for an --out and
+    a micro-batch, the single-process runner, the log reader)."""
     sys.path.insert(0, str(Path(__file__).parent))
     import test_finetune_train as F
 
@@ -158,24 +158,38 @@ def test_finetune_command_under_torchrun_follows_the_single_process_curve(tmp_pa
     toml.write_text(F.TOML.replace('"snap"', f'"{snap}"'))
 
     def args(out, batch):
-        a = F._args(toml, demos, "c", out, 3, "--no-register", "--val-fraction", "0")
+        a = F._args(toml, demos, "c", out, steps, "--no-register", "--val-fraction", "0", *extra)
         a[a.index("--batch-size") + 1] = str(batch)
         return a
 
+    def single(argv) -> int:  # one torch thread, like each launched rank
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return main(argv)
+        finally:
+            torch.set_num_threads(threads)
+
+    return args, single, F._log
+
+
+def _assert_same_curve(log, reference, steps: int) -> None:
+    """The same steps, samples, and losses and L1 to rtol 1e-4 (only the summation order differs)."""
+    assert [r["step"] for r in log] == [r["step"] for r in reference] == list(range(1, steps + 1))
+    for a, b in zip(log, reference):
+        assert a["samples"] == b["samples"]
+        np.testing.assert_allclose([a["train/loss"], a["train/l1"]], [b["train/loss"], b["train/l1"]], rtol=1e-4)
+
+
+def test_finetune_command_under_torchrun_follows_the_single_process_curve(tmp_path):
+    """2 processes x micro-batch 2 log the same losses as 1 process x micro-batch 4 (same global batches, the
+    same augmentations), and only rank 0 writes the outputs."""
+    args, single, read_log = _cli_run(tmp_path, 3)
     run = _torchrun("-m", "vla_bench.finetune.cli", *args(tmp_path / "ddp", 2))
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "ddp" / "train_config.json").read_text())["parallel"] == "ddp"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(args(tmp_path / "single", 4)) == 0
-    finally:
-        torch.set_num_threads(threads)
-    ddp, single = F._log(tmp_path / "ddp"), F._log(tmp_path / "single")
-    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [1, 2, 3]
-    for a, b in zip(ddp, single):
-        assert a["samples"] == b["samples"]
-        np.testing.assert_allclose([a["train/loss"], a["train/l1"]], [b["train/loss"], b["train/l1"]], rtol=1e-4)
+    assert single(args(tmp_path / "single", 4)) == 0
+    _assert_same_curve(read_log(tmp_path / "ddp"), read_log(tmp_path / "single"), 3)
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -183,24 +197,10 @@ def test_full_finetune_command_under_torchrun_is_fsdp_and_follows_the_single_pro
     """`vla-bench finetune --full` under torchrun (FSDP) with gradient accumulation and clipping: 2 processes x
     micro-batch 1 x 2 accumulation steps log the losses of 1 process x micro-batch 2 x 2, its snapshot holds the
     same weights, and a run resumed from its step-2 checkpoint (FSDP again) ends with the very same weights."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import test_finetune_train as F
     from safetensors.torch import load_file
 
-    from vla_bench.finetune.cli import main
-
-    snap = _snapshot(tmp_path)
-    demos = F._demos(tmp_path / "demos" / "libero_spatial", n_demos=2, steps=6)
-    toml = tmp_path / "checkpoints.toml"
-    toml.write_text(F.TOML.replace('"snap"', f'"{snap}"'))
-
-    def args(out, batch):
-        a = F._args(toml, demos, "c", out, 4, "--no-register", "--val-fraction", "0", "--full", "--grad-accum", "2",
-                    "--max-grad-norm", "1.0", "--save-every", "2")
-        a[a.index("--batch-size") + 1] = str(batch)
-        a[a.index("--lr") + 1] = "1e-3"
-        return a
-
+    args, single, read_log = _cli_run(tmp_path, 4, "--full", "--grad-accum", "2", "--max-grad-norm", "1.0",
+                                      "--save-every", "2", "--lr", "1e-3")
     fsdp = tmp_path / "fsdp"
     run = _torchrun("-m", "vla_bench.finetune.cli", *args(fsdp, 1))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -215,20 +215,12 @@ def test_full_finetune_command_under_torchrun_is_fsdp_and_follows_the_single_pro
     run = _torchrun("-m", "vla_bench.finetune.cli", *args(resumed, 1))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "vla-bench finetune: 2 steps" in run.stdout  # it resumed at step 2 rather than starting over
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(args(tmp_path / "single", 2)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert single(args(tmp_path / "single", 2)) == 0
 
-    got, single = F._log(fsdp), F._log(tmp_path / "single")
-    assert [r["step"] for r in got] == [r["step"] for r in single] == [1, 2, 3, 4]
-    for a, b in zip(got, single):
-        assert a["samples"] == b["samples"]
-        np.testing.assert_allclose([a["train/loss"], a["train/l1"]], [b["train/loss"], b["train/l1"]], rtol=1e-4)
+    got = read_log(fsdp)
+    _assert_same_curve(got, read_log(tmp_path / "single"), 4)
     untimed = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]
-    assert untimed(F._log(resumed)) == untimed(got)  # steps 1-2 kept from the killed run, 3-4 recomputed alike
+    assert untimed(read_log(resumed)) == untimed(got)  # steps 1-2 kept from the killed run, 3-4 recomputed alike
     weights = lambda out: {k: v for f in sorted((out / "model").glob("*.safetensors"))
                            for k, v in load_file(str(f)).items()}
     w_fsdp, w_single, w_resumed = weights(fsdp), weights(tmp_path / "single"), weights(resumed)

@@ -38,9 +38,10 @@ def check_action_repeat(value, where: str = "action_repeat: ") -> int:
     return int(value)
 
 
-def step_actions(actions, action_repeat: int) -> np.ndarray:
-    """(..., 7) predicted actions -> the action executed at each of the next `action_repeat` env steps, by the rule."""
-    rule = execution_rule(action_repeat)
+def step_actions(actions, action_repeat: int, rule: dict | None = None) -> np.ndarray:
+    """(..., 7) predicted actions -> the action executed at each of the next `action_repeat` env steps, by the rule
+    (`rule`: execution_rule(action_repeat) made once by a caller on the control loop's path)."""
+    rule = execution_rule(action_repeat) if rule is None else rule
     a = np.asarray(actions, dtype=np.float64)
     return np.concatenate([a[..., :-1] * rule["arm_scale"], a[..., -1:] * rule["gripper_scale"]], axis=-1)
 
@@ -56,6 +57,7 @@ class ActionRepeater:
 
     def __init__(self, action_repeat: int = 1):
         self.action_repeat = check_action_repeat(action_repeat)
+        self._rule = execution_rule(self.action_repeat)  # once, not at every control step
         self._held: dict[int, np.ndarray] = {}  # slot -> the per-step action being executed
         self._left: dict[int, int] = {}  # slot -> env steps it is still executed for
         self.queries = 0  # model calls made (tests and logs read it)
@@ -79,7 +81,7 @@ class ActionRepeater:
             if predicted.shape != (len(rows), 7):
                 raise ValueError(f"query returned shape {predicted.shape}, expected ({len(rows)}, 7)")
             self.queries += 1
-            for row, action in zip(rows, step_actions(predicted, self.action_repeat)):
+            for row, action in zip(rows, step_actions(predicted, self.action_repeat, self._rule)):
                 self._held[slots[row]] = action
                 self._left[slots[row]] = self.action_repeat
         out = np.empty((len(slots), 7), dtype=np.float64)

@@ -98,12 +98,11 @@ def test_lora_r32_microbatch16_samples_per_second(benchmark, setup):
     assert trainable == 110_828_288
 
 
-def test_lora_step_breakdown(setup):
+def _print_breakdown(model, optimizer, batch, label: str) -> None:
     """Where a training step's time goes: wall time against the GPU's kernel time (a gap is host-bound launching),
-    and the kernels by kind, for the recipe as benchmarked above."""
+    and the kernels by kind."""
     from bench_openvla import _kernel_table  # one home for the kernel classification
 
-    model, optimizer, batch, _, _ = setup
     step = _train_step(model, optimizer, batch, sync=False)
     step()
     torch.cuda.synchronize()
@@ -112,11 +111,17 @@ def test_lora_step_breakdown(setup):
     torch.cuda.synchronize()
     wall = 1000 * (time.perf_counter() - t0)
     count, kinds, top = _kernel_table(step)
-    print(f"\n[train profile] micro-batch {BATCH}: wall {wall:.0f} ms, {count} kernels, "
+    print(f"\n[train profile] {label}, micro-batch {BATCH}: wall {wall:.0f} ms, {count} kernels, "
           f"{sum(kinds.values()):.0f} ms of kernel time")
     print("    " + "  ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     for name, ms in top:
         print(f"    {ms:8.2f} ms  {name[:110]}")
+
+
+def test_lora_step_breakdown(setup):
+    """The recipe's step as benchmarked above, broken down."""
+    model, optimizer, batch, _, _ = setup
+    _print_breakdown(model, optimizer, batch, "recipe")
 
 
 @pytest.mark.parametrize("variant", ["peft-input-cast", "checkpoint-language-only", "checkpoint-none"])
@@ -161,3 +166,13 @@ def test_lora_compiled_blocks(benchmark, setup):
     compile_s = time.perf_counter() - t0
     benchmark.extra_info["compile_s"] = compile_s
     _measure(benchmark, step, f"compiled ({n} blocks, {compile_s:.0f} s to compile)", rounds=5, warmup=1)
+
+
+def test_lora_compiled_step_breakdown(setup):
+    """The compiled step (after test_lora_compiled_blocks), broken down like the recipe's: what compiling left."""
+    from vla_bench.finetune.train import transformer_blocks
+
+    model, optimizer, batch, _, _ = setup
+    if not any(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl for b in transformer_blocks(model.vla)):
+        pytest.skip("runs after test_lora_compiled_blocks")
+    _print_breakdown(model, optimizer, batch, "compiled")

@@ -5,10 +5,9 @@ official init states, gated -> success rates and open-loop figures on held-out d
     scripts/e2e_finetune_gpu.sh                       # the defaults (one GPU + 16 CPU cores)
     .venv/bin/python scripts/e2e_finetune.py --work e2e --heldout-task 6 --pretrain-steps 3000 ...
 
-Measured on an H200 host with 16 cores (10 demos per pretraining task, 30 held-out, 1000 + 600 steps): collecting
-90 demos 63 s, the base 135 s (1000 steps of 64: 77 s of training, 13 s preparing 9.6k frames), the LoRA
-candidate 80 s (600 steps of 16). The closed-loop evaluations were not timed to the end there: 50 episodes of a
-failing policy run the full 220 steps each.
+Measured on an H100 host with 16 cores (10 demos per pretraining task, 50 held-out, 1000 + 800 steps; 536 s in
+all): collecting 90 demos 67 s, the base 148 s (1000 steps of 64: 78 s of training), the LoRA candidate 132 s (800
+steps of 16: 99 s of training) beside the base's 50 closed-loop episodes (173 s), the candidate's 143 s.
 
 Every stage is a separate process (collect, finetune, pytest), as a user would run them, and is skipped when its
 output exists, so a killed run is restarted with the same command. This process itself imports neither torch nor
@@ -16,7 +15,8 @@ the simulator (robosuite must not share a process with torch/torchvision in this
 
 Stages (all in --work):
   1. `collect`: scripted-expert demos of LIBERO-Spatial from fresh random resets (never the evaluation init states);
-     the held-out task gets --heldout-demos, every other task --pretrain-demos.
+     the held-out task gets --heldout-demos, every other task --pretrain-demos; then --eval-demos more of the
+     held-out task from other seeds (demos-eval/), never trained on.
   2. a random snapshot of a small Prismatic-architecture model (DINOv2 + SigLIP towers at 224 px with narrow,
      shallow ViTs, a small Llama, a small Llama-style tokenizer), registered as `e2e-random`.
   3. `finetune --full` from that snapshot on the other tasks -> `e2e-base` (the base never sees the held-out task).
@@ -24,8 +24,10 @@ Stages (all in --work):
      `e2e-cand`, with baseline `e2e-base-taskN`.
   5. `pytest suites/libero_spatial -k taskN --checkpoint e2e-base --vla-save e2e-base-taskN`, then
      `... --checkpoint e2e-cand --vla-compare`: the gate judges the candidate against its base.
-  6. a summary (summary.json + printed): success rates with episode counts, the gate's exit status, and the held-out
-     demos' action-token accuracy and L1 for the base (the LoRA run's step-0 evaluation) and the candidate.
+  6. `pytest suites/libero_demos` on demos-eval/ for both: the open-loop figures through the policy's own path.
+  7. a summary (summary.json + printed): success rates with episode counts, the gate's verdict (from its JUnit XML),
+     the open-loop figures, and the held-out split's action-token accuracy and L1 for the base (the LoRA run's
+     step-0 evaluation) and the candidate.
 
 Stages that use different resources overlap: the held-out task's demos are collected (CPU simulator workers) while
 the base trains (GPU), and the base is evaluated closed-loop while the candidate trains. `--stop-after STAGE` ends
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,9 +76,12 @@ def sh(cmd: list[str], log: Path, env: dict | None = None, check: bool = True) -
 
 
 class Background:
-    """A stage running beside the foreground one (its output goes to its own log, shown when it is joined)."""
+    """A stage running beside the foreground one (its output goes to its own log, shown when it is joined); several
+    commands run one after another."""
 
-    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
+    def __init__(self, cmd: list[str] | list[list[str]], log: Path, env: dict | None = None):
+        if isinstance(cmd[0], list):
+            cmd = ["bash", "-c", " ; ".join(shlex.join(c) for c in cmd)]
         print(f"\n$ {' '.join(cmd)} &   (output: {log})", flush=True)
         self.cmd, self.log, self.started = cmd, log, time.monotonic()
         self._file = log.open("a")
@@ -100,10 +106,11 @@ COLLECT = ("import argparse, sys; from vla_bench.collect import add_collect_argu
            "sys.exit(run_collect(p.parse_args(sys.argv[1:])))")
 
 
-def collect_command(args, work: Path, tasks: list[int], n_demos: int) -> list[str]:
+def collect_command(args, work: Path, tasks: list[int], n_demos: int, out: str = "demos", seed_offset: int = 0
+                    ) -> list[str]:
     """`vla-bench collect` for some tasks (a task the expert cannot do ends with fewer demos, not a failed run)."""
     return [PY, "-c", COLLECT, "--checkpoints-file", str(work / "checkpoints.toml"), "--suite", SUITE,
-            "--out", str(work / "demos"), "--workers", str(args.workers), "--seed", str(args.seed),
+            "--out", str(work / out), "--workers", str(args.workers), "--seed", str(args.seed + seed_offset),
             "--tasks", *map(str, tasks), "--demos", str(n_demos)]
 
 
@@ -158,6 +165,17 @@ def finetune(work: Path, log: Path, base: str, name: str, data: list[Path], extr
     return out
 
 
+def gate_figures(junit: Path) -> dict:
+    """The gate's figures as the plugin records them for CI (JUnit XML properties gate_verdict, gate_pvalue, ...).
+    The pytest exit status alone does not say it: the suite's absolute threshold (90%) fails these toy models too."""
+    import xml.etree.ElementTree as ET
+
+    if not junit.is_file():
+        return {}
+    props = {p.get("name"): p.get("value") for p in ET.parse(junit).iter("property")}
+    return {k[5:]: v for k, v in props.items() if k.startswith("gate_")}
+
+
 def success(results: Path, checkpoint: str, task_index: int) -> dict:
     from vla_bench.results import ResultsStore
 
@@ -168,6 +186,19 @@ def success(results: Path, checkpoint: str, task_index: int) -> dict:
 
 
 STAGES = ("collect", "pretrain", "lora", "eval")
+#: the evaluation demos' collect seed is --seed plus this: their random resets differ from every training demo's
+EVAL_DEMO_SEED_OFFSET = 1000
+PROXY_SUITE = "libero_demos"
+
+
+def proxy_figures(results: Path, checkpoint: str) -> dict:
+    """The open-loop suite's figures for a checkpoint, as the plugin stored them (value and 95% bootstrap CI)."""
+    import sqlite3
+
+    with sqlite3.connect(results) as db:
+        rows = db.execute("SELECT metric, value, low, high, n_episodes, n_frames FROM proxy_figures "
+                          "WHERE checkpoint = ? AND suite = ?", (checkpoint, PROXY_SUITE)).fetchall()
+    return {m: {"value": v, "ci": [lo, hi], "episodes": n, "frames": f} for m, v, lo, hi, n, f in rows}
 
 
 def demo_files(work: Path, heldout_task: int) -> tuple[list[Path], list[Path]]:
@@ -187,6 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-task", type=int, default=6, help="LIBERO-Spatial task (1-based) held out of the base")
     p.add_argument("--pretrain-demos", type=int, default=20, help="demos per pretraining task")
     p.add_argument("--heldout-demos", type=int, default=50, help="demos of the held-out task (10%% kept for eval)")
+    p.add_argument("--eval-demos", type=int, default=10,
+                   help="more demos of the held-out task, never trained on, for the open-loop figures")
     p.add_argument("--workers", type=int, default=16, help="simulator processes for collection and evaluation")
     p.add_argument("--pretrain-steps", type=int, default=2500)
     p.add_argument("--pretrain-batch", type=int, default=64)
@@ -211,8 +244,8 @@ def main(argv=None) -> int:
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
-    def timed(name: str, started: float) -> None:
-        timings[name] = round(time.monotonic() - started, 1)
+    def timed(name: str, started: float) -> None:  # summed over resumed runs (a skipped stage adds ~0)
+        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - started, 1)
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
     stop = STAGES.index(args.stop_after)
@@ -233,7 +266,10 @@ def main(argv=None) -> int:
 
     # 2. the base trains (GPU) while the held-out task's demos are collected (CPU)
     t = time.monotonic()
-    heldout_collect = Background(collect_command(args, work, [args.heldout_task], args.heldout_demos),
+    # the held-out task's training demos, then its evaluation demos (other seeds; the open-loop figures' data)
+    heldout_collect = Background([collect_command(args, work, [args.heldout_task], args.heldout_demos),
+                                  collect_command(args, work, [args.heldout_task], args.eval_demos, "demos-eval",
+                                                  seed_offset=EVAL_DEMO_SEED_OFFSET)],
                                  work / "collect-heldout.log", SIM_ENV)
     if stop >= 1:
         snap = write_random_base(work, args.seed)
@@ -270,8 +306,17 @@ def main(argv=None) -> int:
 
     # 4. the candidate, gated against the base's saved results
     t = time.monotonic()
-    rc_gate = sh(pytest + ["--checkpoint", "e2e-cand", "--vla-compare"], log, SIM_ENV, check=False)
+    junit = work / "gate.xml"
+    rc_gate = sh(pytest + ["--checkpoint", "e2e-cand", "--vla-compare", f"--junitxml={junit}"], log, SIM_ENV,
+                 check=False)
     timed("eval_candidate_s", t)
+
+    # 5. the open-loop figures of both on the evaluation demos, through the policy's own inference path
+    t = time.monotonic()
+    sh([PY, "-m", "pytest", "suites/libero_demos", "-p", "no:cacheprovider", "--checkpoints-file", str(toml),
+        "--vla-results", str(results), "--checkpoint", "e2e-base", "--checkpoint", "e2e-cand",
+        "--vla-data", f"{PROXY_SUITE}={work / 'demos-eval' / SUITE}"], log, check=False)
+    timed("open_loop_s", t)
 
     task_index = args.heldout_task - 1
     lora_log = [json.loads(line) for line in (cand_run / "log.jsonl").read_text().splitlines()]
@@ -283,10 +328,11 @@ def main(argv=None) -> int:
         "demos": {"pretrain": {f.name: demo_count(f) for f in pretrain}, "heldout": demo_count(heldout[0])},
         "base": {"entry": "e2e-base", **success(results, "e2e-base", task_index),
                  "heldout_demos": {k[4:]: first.get(k) for k in ("val/loss", "val/accuracy", "val/l1")},
-                 "pytest_exit": rc_base},
+                 "pytest_exit": rc_base, "open_loop_eval_demos": proxy_figures(results, "e2e-base")},
         "candidate": {"entry": "e2e-cand", **success(results, "e2e-cand", task_index),
                       "heldout_demos": {k[4:]: last.get(k) for k in ("val/loss", "val/accuracy", "val/l1")},
-                      "gate_pytest_exit": rc_gate},
+                      "pytest_exit": rc_gate, "open_loop_eval_demos": proxy_figures(results, "e2e-cand")},
+        "gate": {"baseline": baseline, **gate_figures(junit)},
         "pretrain_final": json.loads((base_run / "log.jsonl").read_text().splitlines()[-1]),
         "timings_s": timings,
         "runs": {"base": str(base_run), "candidate": str(cand_run)},
@@ -300,7 +346,12 @@ def main(argv=None) -> int:
         h = s["heldout_demos"]
         print(f"  {label:9s} success {rate} ({s['successes']}/{s['episodes']} episodes); held-out demos: "
               f"token accuracy {h['accuracy']}, L1 {h['l1']}")
-    print(f"  gate (pytest --vla-compare {baseline}) exit status: {rc_gate} (0 = candidate passed)")
+        print("            open loop on the evaluation demos: " + ", ".join(
+            f"{m} {f['value']:.3f}" for m, f in sorted(s["open_loop_eval_demos"].items())))
+    g = summary["gate"]
+    print(f"  gate (pytest --vla-compare, baseline {baseline}): {g.get('verdict', 'no verdict')}; difference "
+          f"{g.get('difference')} (95% CI {g.get('difference_low')} to {g.get('difference_high')}), p = "
+          f"{g.get('pvalue')} ({g.get('test')}); pass = the interval lies above 0, i.e. the candidate beats its base")
     print(f"  timings: {summary['timings_s']}; details in {work / 'summary.json'}")
     return 0
 

@@ -132,3 +132,29 @@ def test_a_file_from_an_older_random_reset_is_not_resumed(tmp_path):
         f["data"].attrs[FAILED_ATTR] = "[12345]"
     with pytest.raises(VlaBenchError, match="t_demo.hdf5.*random-reset version 1.*delete the file"):
         _open_task_file(path, task, SUITE, {})
+
+
+def test_action_noise_executes_perturbed_actions_and_records_the_experts(tmp_path):
+    """Under --action-noise the simulator runs the perturbed arm actions (stored as executed_actions) while `actions`
+    keeps the expert's own commands: the two differ on the arm, agree on the gripper, stay in range, and the file
+    records sigma, so a resume with another sigma is refused."""
+    from vla_bench.collect import NOISE_ATTR, _open_task_file
+    from vla_bench.envs.tasks import suite_tasks
+    from vla_bench.errors import VlaBenchError
+
+    summary = collect(SUITE, [5], 1, tmp_path, workers=1, seed=0, cameras=(), action_noise=0.1)
+    task = summary.tasks[0]
+    assert summary.complete and task.kept == 1
+    with h5py.File(task.path, "r") as f:
+        assert float(f["data"].attrs[NOISE_ATTR]) == 0.1
+        demo = f["data"]["demo_0"]
+        clean, executed = demo["actions"][:], demo["executed_actions"][:]
+        assert float(demo.attrs["action_noise"]) == 0.1
+    assert clean.shape == executed.shape and np.all(np.abs(executed) <= 1.0)
+    np.testing.assert_array_equal(clean[:, 6], executed[:, 6])
+    noise = executed[:, :6] - clean[:, :6]
+    assert np.all(np.abs(noise).max(axis=1) > 0)  # every step is perturbed
+    assert 0.05 < noise.std() < 0.15  # sigma 0.1, a little less where clipping bites
+    with pytest.raises(VlaBenchError, match="--action-noise 0.1, not 0"):
+        _open_task_file(task.path, suite_tasks(SUITE)[5], SUITE, {}, action_noise=0.0)
+    assert _open_task_file(task.path, suite_tasks(SUITE)[5], SUITE, {}, action_noise=0.1)[0] == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .errors import VlaBenchError
-from .video import VIDEO_MODES
+from .video import VIDEO_MODES, require_video_writer
 
 _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
 _IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier characters
@@ -130,6 +130,11 @@ _STATE = pytest.StashKey[_State]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = _State(config)
+    if config.getoption("--video") != "none":  # before any episode runs, not after the first one
+        try:
+            require_video_writer()
+        except VlaBenchError as e:
+            raise _usage_error(e) from None
 
 
 def _usage_error(error: VlaBenchError) -> pytest.UsageError:

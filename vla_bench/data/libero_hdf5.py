@@ -219,7 +219,7 @@ def _write_demo(data: h5py.Group, key: str, episode: Mapping, path: Path, compre
         last[-1] = 1
     demo.create_dataset("rewards", data=np.asarray(episode.get("rewards", last)))
     demo.create_dataset("dones", data=np.asarray(episode.get("dones", last)))
-    for name in ("states", "robot_states"):
+    for name in ("states", "robot_states", "executed_actions"):  # the last: vla-bench collect --action-noise
         if name in episode:
             demo.create_dataset(name, data=np.asarray(episode[name]))
     obs = demo.create_group("obs")

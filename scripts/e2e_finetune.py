@@ -202,10 +202,10 @@ def proxy_figures(results: Path, checkpoint: str) -> dict:
     """The open-loop suite's figures for a checkpoint, as the plugin stored them (value and 95% bootstrap CI)."""
     import sqlite3
 
+    from vla_bench.proxy_suites import load_figures
+
     with sqlite3.connect(results) as db:
-        rows = db.execute("SELECT metric, value, low, high, n_episodes, n_frames FROM proxy_figures "
-                          "WHERE checkpoint = ? AND suite = ?", (checkpoint, PROXY_SUITE)).fetchall()
-    return {m: {"value": v, "ci": [lo, hi], "episodes": n, "frames": f} for m, v, lo, hi, n, f in rows}
+        return load_figures(db, checkpoint, PROXY_SUITE)
 
 
 def demo_files(work: Path, heldout_task: int) -> tuple[list[Path], list[Path]]:

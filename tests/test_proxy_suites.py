@@ -21,9 +21,14 @@ def test_replay_passes_every_check_and_noop_fails_every_check(tmp_path):
     metrics = {"sign_accuracy", "correlation", "gripper_accuracy", "diversity", "success_proxy_rate"}
     assert outcomes(result.stdout, "PASSED") == {f"{m}-replay" for m in metrics}, result.stdout[-3000:]
     assert outcomes(result.stdout, "FAILED") == {f"{m}-noop" for m in metrics}
+    from vla_bench.proxy_suites import load_figures
+
     with sqlite3.connect(db) as c:
-        rows = dict(c.execute("SELECT metric, n_episodes FROM proxy_figures WHERE checkpoint = 'replay'"))
+        rows = {m: f["episodes"] for m, f in load_figures(c, "replay", "bridge_v2").items()}
+        noop = load_figures(c, "noop", "bridge_v2")
+        assert load_figures(c, "replay", "libero_demos") == {}
     assert metrics <= set(rows) and set(rows.values()) == {25}
+    assert set(noop) == set(rows) and all(f["episodes"] == 25 and f["frames"] > 0 for f in noop.values())
 
 
 def test_default_checkpoints_of_the_suite_come_from_its_dataset_table():

@@ -53,6 +53,15 @@ CREATE TABLE IF NOT EXISTS proxy_figures (
 """
 
 
+def load_figures(db, checkpoint: str, suite: str) -> dict[str, dict]:
+    """The stored figures of a checkpoint on an open-loop suite: {metric: {value, ci, episodes, frames}} (empty when
+    none are stored)."""
+    db.executescript(PROXY_SCHEMA)
+    rows = db.execute("SELECT metric, value, low, high, n_episodes, n_frames FROM proxy_figures "
+                      "WHERE checkpoint = ? AND suite = ?", (checkpoint, suite)).fetchall()
+    return {m: {"value": v, "ci": [lo, hi], "episodes": n, "frames": f} for m, v, lo, hi, n, f in rows}
+
+
 def store_figures(db, checkpoint: str, identity: str, suite: str, result: OpenLoopResult, versions: dict) -> None:
     """One row per metric, with its per-episode values, so a paired comparison needs no re-run."""
     db.executescript(PROXY_SCHEMA)

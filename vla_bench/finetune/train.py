@@ -519,14 +519,11 @@ def load_checkpoint(out: Path, module, optimizer, scheduler, sharded: bool = Fal
         return 0
     folder = out / "checkpoints" / pointer.read_text().strip()
     if sharded:
-        state = None
-        if main:
-            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-            scatter_full_state(module, optimizer, load_file(str(folder / "trainable.safetensors")),
-                               state["optimizer"], True)
-        else:
-            scatter_full_state(module, optimizer, {}, None, False)
         import torch.distributed as dist
+
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True) if main else None
+        weights = load_file(str(folder / "trainable.safetensors")) if main else {}
+        scatter_full_state(module, optimizer, weights, state["optimizer"] if main else None, main)
 
         small = [{"scheduler": state["scheduler"], "rng": state["rng"]} if main else None]
         dist.broadcast_object_list(small, src=0)

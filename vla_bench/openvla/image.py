@@ -174,12 +174,14 @@ class FrameChain:
         prepared = observation.get(self.PREPARED)
         if prepared is not None and prepared[0] == self:
             return prepared[1]
-        return reference_chain(observation[self.image_key], flip=self.flip, crop=self.crop, size=self.size)
+        return self._prepare(observation)
 
     def __call__(self, observation: dict) -> dict:
-        observation[self.PREPARED] = (self, reference_chain(observation[self.image_key], flip=self.flip,
-                                                            crop=self.crop, size=self.size))
+        observation[self.PREPARED] = (self, self._prepare(observation))
         return observation
+
+    def _prepare(self, observation: dict) -> np.ndarray:
+        return reference_chain(observation[self.image_key], flip=self.flip, crop=self.crop, size=self.size)
 
 
 @functools.lru_cache(maxsize=8)

@@ -58,8 +58,12 @@ def test_save_then_compare_in_pytest_and_a_mismatched_protocol_stops_before_any_
     saved = run_pytest(*common, "--max-steps", "8", "--vla-save", "noop-base")
     data = json.loads((tmp_path / "b" / "noop-base.json").read_text())
     assert data["tasks"] == {"task1": {"0": False, "1": False}} and data["protocol"]["max_steps"] == 8, saved.stdout
-    compared = run_pytest(*common, "--max-steps", "8", "--vla-compare", "noop-base")
+    compared = run_pytest(*common, "--max-steps", "8", "--vla-compare", "noop-base",
+                          "--junitxml", str(tmp_path / "gate.xml"))
     assert "regression gate" in compared.stdout and "INCONCLUSIVE" in compared.stdout
+    # CI systems (and scripts/e2e_finetune.py) read the verdict from the JUnit properties
+    junit = (tmp_path / "gate.xml").read_text()
+    assert 'name="gate_verdict" value="inconclusive"' in junit and 'name="gate_pvalue" value="1.0"' in junit
     mismatched = run_pytest(*common, "--max-steps", "9", "--vla-compare", "noop-base")
     assert "protocol max_steps: baseline 8, candidate 9" in mismatched.stdout
     assert "0/2" not in mismatched.stdout  # refused up front: no table row, no episodes

@@ -158,3 +158,31 @@ def test_action_noise_executes_perturbed_actions_and_records_the_experts(tmp_pat
     with pytest.raises(VlaBenchError, match="--action-noise 0.1, not 0"):
         _open_task_file(task.path, suite_tasks(SUITE)[5], SUITE, {}, action_noise=0.0)
     assert _open_task_file(task.path, suite_tasks(SUITE)[5], SUITE, {}, action_noise=0.1)[0] == 1
+
+
+def test_a_demo_replays_in_the_evaluation_env_frame_for_frame(tmp_path):
+    """The env that evaluation runs reproduces a collected demo exactly: from the demo's seed, its recorded actions
+    give the same camera frame at every step and succeed at the same step. So a policy that imitates the demos
+    well open loop sees, in closed loop, the observations the demos showed it (until its own actions differ)."""
+    import dataclasses
+
+    from vla_bench.envs.libero import LiberoTaskEnv
+    from vla_bench.protocol import reference_protocol
+
+    summary = collect(SUITE, [5], 1, tmp_path, workers=1, seed=0, cameras=("agentview",), camera_size=64)
+    with h5py.File(summary.tasks[0].path, "r") as f:
+        demo = f["data"]["demo_0"]
+        actions, frames, seed = demo["actions"][:], demo["obs"]["agentview_rgb"][:], int(demo.attrs["seed"])
+    env = LiberoTaskEnv(dataclasses.replace(reference_protocol(SUITE), camera_size=64), 5, ("agentview",))
+    try:
+        obs, _ = env.reset_random(seed)
+        done_at = None
+        for t, action in enumerate(actions):
+            np.testing.assert_array_equal(obs["agentview_image"], frames[t], err_msg=f"frame {t}")
+            obs, done = env.step(action)
+            if done:
+                done_at = t
+                break
+    finally:
+        env.close()
+    assert done_at == len(actions) - 1

@@ -91,6 +91,7 @@ class EvalSettings:
     workers: int = dataclasses.field(default_factory=default_workers)
     video: str = "none"
     video_dir: Path = Path("videos")
+    video_format: str = "mp4"
     device: str = "cpu"
 
 
@@ -131,7 +132,9 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
                 if outcome.frames and wants_video(settings.video, outcome.success):
                     label = "error" if outcome.error else ("success" if outcome.success else "failure")
                     video = str(write_video(video_path(settings.video_dir, spec.name, protocol.suite,
-                                                       task.task_id, outcome.init_index, label), outcome.frames))
+                                                       task.task_id, outcome.init_index, label,
+                                                       settings.video_format),
+                                            outcome.frames, settings.video_format))
                 record = EpisodeRecord(spec.name, identity, protocol.suite, task_index, task.name,
                                        outcome.init_index, outcome.seed, key, protocol.as_dict(), outcome.success,
                                        outcome.steps, outcome.error, outcome.wall_s, versions, env.backend,

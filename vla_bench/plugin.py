@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .errors import VlaBenchError
-from .video import VIDEO_MODES, require_video_writer
+from .video import VIDEO_FORMATS, VIDEO_MODES, require_video_writer
 
 _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
 _IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier characters
@@ -52,7 +52,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vla-sequential", type=int, default=0, metavar="LOOKS",
                     help="group-sequential gate with LOOKS equally spaced looks: stops a task once a look decides")
     group.addoption("--vla-baselines", default="baselines", metavar="DIR", help="baselines folder (default baselines/)")
-    group.addoption("--video", choices=VIDEO_MODES, default="none", help="write an mp4 per episode")
+    group.addoption("--video", choices=VIDEO_MODES, default="none", help="write a video per episode")
+    group.addoption("--video-format", choices=VIDEO_FORMATS, default="mp4",
+                    help="mp4 (needs imageio-ffmpeg) or sheet: one PNG of every 6th frame (0.3 s apart) and the last")
     group.addoption("--video-dir", default="videos", metavar="DIR", help="where videos go (default: videos/)")
 
 
@@ -107,7 +109,7 @@ class _State:
 
             opt = self.config.getoption
             settings = EvalSettings(workers=opt("--vla-workers") or default_workers(), video=opt("--video"),
-                                    video_dir=Path(opt("--video-dir")))
+                                    video_dir=Path(opt("--video-dir")), video_format=opt("--video-format"))
             store = ResultsStore(Path(opt("--vla-results")))
             try:
                 gate = GateSettings.from_options(opt("--vla-alpha"), opt("--vla-compare-fail"), opt("--vla-strict"),
@@ -132,7 +134,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = _State(config)
     if config.getoption("--video") != "none":  # before any episode runs, not after the first one
         try:
-            require_video_writer()
+            require_video_writer(config.getoption("--video-format"))
         except VlaBenchError as e:
             raise _usage_error(e) from None
 

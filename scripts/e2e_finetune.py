@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora-schedule", choices=("constant", "cosine"), default="constant",
                    help="the candidate's learning-rate schedule (constant: the published recipe)")
     p.add_argument("--episodes", type=int, default=50, help="evaluation episodes (the 50 official init states)")
+    p.add_argument("--video", choices=("none", "failed", "all"), default="none",
+                   help="contact sheets (PNG, no encoder needed) of the closed-loop episodes, in WORK/videos")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after", choices=STAGES, default="eval",
                    help="end after this stage (lora: the candidate trained and the base evaluated beside it); the "
@@ -280,7 +282,9 @@ def main(argv=None) -> int:
     results = work / "results.sqlite"
     pytest = [PY, "-m", "pytest", "suites/libero_spatial", "-k", f"task{args.heldout_task}", "-p", "no:cacheprovider",
               "--checkpoints-file", str(toml), "--vla-results", str(results), "--episodes", str(args.episodes),
-              "--vla-workers", str(args.workers), "--vla-baselines", str(work / "baselines")]
+              "--vla-workers", str(args.workers), "--vla-baselines", str(work / "baselines"),
+              *(["--video", args.video, "--video-format", "sheet", "--video-dir", str(work / "videos")]
+                if args.video != "none" else [])]
 
     # 1. the pretraining tasks' demos (CPU workers)
     t = time.monotonic()

@@ -21,10 +21,12 @@ states, base / candidate):
   candidate's evaluation 135 s; the open-loop suite 54 s. Three commands: `--stop-after pretrain`, `--stop-after
   lora`, then the same command without it.
 - Open loop on the evaluation demos the candidate is close to the expert (correlation 0.964, sign accuracy 0.906,
-  gripper accuracy 0.943, normalized L1 0.068; the base -0.056, 0.363, 0.663, 0.599). Closed loop it reaches the
-  bowl and often lifts it, then loses it: the expert's grasp is a pinch on the bowl's 2.6 mm rim wall, and a
-  224-pixel third-person image leaves little margin. The base succeeds in 0 of 25 episodes even on two of the tasks
-  it trained on (20 demos each): at this model size closed-loop success grows with demos (45 -> 1/50, 180 -> 4/50).
+  gripper accuracy 0.943, normalized L1 0.068; the base -0.056, 0.363, 0.663, 0.599). Contact sheets of 10 failed
+  candidate episodes (`--video failed`): the arm goes to the right bowl every time, then hovers at it or over the
+  plate until the 220 steps run out; from 128-pixel thumbnails it is not clear whether the bowl was held. (The
+  expert's grasp pinches the bowl's 2.6 mm rim wall; the model sees a 224-pixel third-person view.) The base
+  succeeds in 0 of 25 episodes even on two of the tasks it trained on (task1, task3; 20 demos each). At this model
+  size closed-loop success grows with demos: 45 held-out training demos gave 1/50, 180 gave 4/50.
 - `--action-noise 0.1` (DART) made the labels much harder to predict from images (the base's held-out normalized L1
   0.209 against 0.052 clean) and the candidate worse (0/50; open-loop correlation 0.875); 0.3 was too strong for the
   expert (55 failed attempts for 50 task6 demos). The default is no noise.

@@ -331,8 +331,8 @@ def main(argv=None) -> int:
         pytest + ["--checkpoint", "e2e-base", "--vla-save", baseline], work / "eval-base.log", SIM_ENV)
     cand_run = finetune(work, log, "e2e-base", "e2e-cand", heldout,
                         ["--steps", str(args.lora_steps), "--batch-size", str(args.lora_batch),
-                         "--lr", str(args.lora_lr), "--schedule", args.lora_schedule, "--eval-every", "100", "--log-every", "20",
-                         "--save-every", "200", "--val-fraction", "0.1", "--baseline", baseline])
+                         "--lr", str(args.lora_lr), "--schedule", args.lora_schedule, "--eval-every", "100",
+                         "--log-every", "20", "--save-every", "200", "--val-fraction", "0.1", "--baseline", baseline])
     timed("lora_s", t)
     rc_base = base_eval.join() if base_eval else None
     timed("lora_and_eval_base_s", t)

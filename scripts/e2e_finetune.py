@@ -133,7 +133,13 @@ def collect_command(args, work: Path, tasks: list[int], n_demos: int, out: str =
     """`vla-bench collect` for some tasks (a task the expert cannot do ends with fewer demos, not a failed run)."""
     return [PY, "-c", COLLECT, "--checkpoints-file", str(work / "checkpoints.toml"), "--suite", SUITE,
             "--out", str(work / out), "--workers", str(args.workers), "--seed", str(args.seed + seed_offset),
-            "--tasks", *map(str, tasks), "--demos", str(n_demos), "--action-noise", str(action_noise)]
+            "--tasks", *map(str, tasks), "--demos", str(n_demos), "--action-noise", str(action_noise),
+            "--expert", expert_entry(args)]
+
+
+def expert_entry(args) -> str:
+    """The checkpoints.toml entry that collects the demos: the repo's `expert`, or one with another motion."""
+    return "expert" if args.expert_motion == "gated" else f"expert-{args.expert_motion}"
 
 
 def demo_count(path: Path) -> int:
@@ -245,6 +251,9 @@ def main(argv=None) -> int:
                         "open-loop stage)")
     p.add_argument("--action-noise", type=float, default=0.0,
                    help="collect --action-noise of the training demos (the evaluation demos are clean; default 0)")
+    p.add_argument("--expert-motion", choices=("gated", "funnel"), default="gated",
+                   help="the scripted expert's motion in the demos (policies/scripted.py: funnel asks for heights "
+                        "that vary smoothly with the horizontal error)")
     p.add_argument("--workers", type=int, default=16, help="simulator processes for collection and evaluation")
     p.add_argument("--pretrain-steps", type=int, default=2000)
     p.add_argument("--pretrain-batch", type=int, default=64)
@@ -271,6 +280,9 @@ def main(argv=None) -> int:
     toml = work / "checkpoints.toml"
     if not toml.exists():  # the repo's entries (expert, controls, thresholds) plus ours, in a file of our own
         shutil.copyfile(REPO / "checkpoints.toml", toml)
+    if args.expert_motion != "gated":
+        add_entry(toml, expert_entry(args), {"kind": "scripted", "motion": args.expert_motion},
+                  f"e2e: the scripted expert with motion = {args.expert_motion!r}, collecting the demos")
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 

@@ -389,3 +389,82 @@ def test_describe_scene_returns_plain_picklable_facts():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(),
                          cwd=REPO, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+# ---- motion "funnel": heights that are continuous functions of the horizontal error -----------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+errors = st.floats(0.0, 0.5, allow_nan=False)
+
+
+@given(a=errors, b=errors)
+def test_funnel_approach_height_grows_with_the_error_from_the_grasp_point_to_hover(a, b):
+    """Under "funnel" the approach height is 0 at the grasp point, HOVER from FUNNEL_GRASP_XY on, never decreasing in
+    the horizontal error and Lipschitz in it (nearby states ask for nearby heights); under "gated" it is HOVER."""
+    h = scripted.approach_height
+    assert h(0.0, True) == 0.0 and h(scripted.FUNNEL_GRASP_XY, True) == pytest.approx(scripted.HOVER)
+    lo, hi = sorted((a, b))
+    assert h(lo, True) <= h(hi, True) <= scripted.HOVER
+    assert h(hi, True) - h(lo, True) <= scripted.HOVER / scripted.FUNNEL_GRASP_XY * (hi - lo) + 1e-12
+    assert h(a, False) == scripted.HOVER
+
+
+@given(a=errors, b=errors, floor=st.floats(0.8, 1.0), lift=st.floats(0.02, 0.3))
+def test_funnel_carry_height_descends_with_the_error_to_just_above_the_floor(a, b, floor, lift):
+    """Under "funnel" the carried object's target height is the carry height from FUNNEL_PLACE_XY on, just above
+    the floor (PLACE_CLEARANCE) at 0 error, and never decreasing in the error; under "gated" it is the carry
+    height."""
+    carry = floor + lift
+    c = scripted.carry_height
+    assert c(carry, floor, 0.0, True) == pytest.approx(floor + scripted.PLACE_CLEARANCE)
+    assert c(carry, floor, scripted.FUNNEL_PLACE_XY, True) == pytest.approx(carry)
+    lo, hi = sorted((a, b))
+    assert c(carry, floor, lo, True) <= c(carry, floor, hi, True) + 1e-12
+    assert c(carry, floor, a, False) == carry
+
+
+def _approach_on_an_ideal_arm(motion):
+    """The expert's approach on the synthetic scene with an arm that goes where it is asked: [(phase, horizontal
+    error to the grasp point, height above it)] per step, until the gripper closes."""
+    scene = spatial_scene()
+    expert = ScriptedExpert(motion=motion)
+    expert.reset(0, 123)
+    eef = np.array([-0.21, 0.0, 1.17])
+    expert.act([obs_at(eef, scene)], ["pick"], [0])
+    local, yaw, _ = expert._episodes[0].tasks[0].grasp
+    grasp_point = scene["pos"][0] + local
+    trace = []
+    for _ in range(120):
+        a = expert.act([obs_at(eef, scene, yaw=yaw)], ["pick"], [0])[0]
+        eef = eef + a[:3] / scripted.POS_GAIN
+        trace.append((expert.phase(0), float(np.linalg.norm(eef[:2] - grasp_point[:2])),
+                      float(eef[2] - grasp_point[2])))
+        if expert.phase(0) == "close":
+            break
+    return trace
+
+
+def test_funnel_never_holds_a_height_over_the_grasp_point_where_gated_does():
+    """Gated: right over the grasp point at HOVER the expert once holds still, then descends from the very same
+    state (two actions for one image). Funnel: every step over the grasp point goes down until it is there."""
+    gated, funnel = _approach_on_an_ideal_arm("gated"), _approach_on_an_ideal_arm("funnel")
+    assert gated[-1][0] == funnel[-1][0] == "close"
+    assert funnel[-1][1] < 0.006 and abs(funnel[-1][2]) < 0.006
+    over = [z for _, xy, z in gated if xy < 0.006]
+    assert any(a == pytest.approx(b) and a > 0.8 * scripted.HOVER for a, b in zip(over, over[1:]))
+    assert "descend" in {phase for phase, _, _ in gated}
+    over = [z for _, xy, z in funnel if xy < 0.006]
+    assert all(b < a - 1e-6 for a, b in zip(over, over[1:]) if a > 0.006)
+    assert "descend" not in {phase for phase, _, _ in funnel}
+
+
+def test_motion_option_is_validated_and_changes_the_identity():
+    def spec(**options):
+        return SimpleNamespace(kind="scripted", options=options, name="e",
+                               where=lambda key=None: f"checkpoints.toml: [checkpoints.e] {key}: ")
+
+    assert scripted.identity(spec(motion="funnel"), None) != scripted.identity(spec(), None)
+    with pytest.raises(VlaBenchError, match=r"\[checkpoints.e\] motion: must be one of gated, funnel, got 'smooth'"):
+        scripted.validate(spec(motion="smooth"), None)
+    assert scripted.build(spec(motion="funnel"), None).motion == "funnel"
+    assert scripted.build(spec(), None).motion == "gated"

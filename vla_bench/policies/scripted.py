@@ -15,6 +15,16 @@ two equivalent gripper yaws (the fingers are symmetric under a half turn), the o
 from its limit is taken: with the other, the arm can stall short of the target for good. Motion is closed-loop
 proportional control on the grip site and the hand orientation; open-loop motion drifts in this controller.
 
+Motion (`motion`): "gated" (the default) moves in phases that switch on precise conditions: approach until the
+hand is within 6 mm over the grasp point and at the grasp yaw, then descend; carry at a safe height until the object
+is within 1 cm over its destination, then lower. "funnel" makes the height a continuous function of the horizontal
+error instead: the hand descends as it closes in on the grasp point (HOVER at FUNNEL_GRASP_XY and beyond, the grasp
+height at 0), and the carried object descends as it closes in on its destination (the carry height at
+FUNNEL_PLACE_XY and beyond). The conditions that end a phase stay. The point is demos a policy can learn from an
+image: under "gated", a state a few millimetres either side of a switch shows two different actions (hold height,
+descend), which a camera cannot tell apart, and a cloned policy hovers there; under "funnel", nearby states get
+nearby actions.
+
 Degraded options (for regression-gate tests): `fumble_probability` makes whole episodes, chosen from the episode
 seed, open the gripper during the lift and give up; `action_noise` adds seeded Gaussian noise to the arm dims.
 The notes behind these choices are in ../shared/reference/LIBERO.md (the probe expert's measurements).
@@ -29,7 +39,8 @@ import numpy as np
 from ..errors import VlaBenchError
 from .identity import hash_files
 
-KEYS = {"fumble_probability": float, "action_noise": float}
+KEYS = {"fumble_probability": float, "action_noise": float, "motion": str}
+MOTIONS = ("gated", "funnel")
 REQUIRED: tuple = ()
 
 _SCENE_SOURCE = Path(__file__).resolve().parent.parent / "envs" / "scene.py"
@@ -42,6 +53,9 @@ def validate(spec, registry) -> None:
     s = spec.options.get("action_noise", 0.0)
     if not (s >= 0.0 and math.isfinite(s)):
         raise VlaBenchError(f"{spec.where('action_noise')}must be a finite number >= 0, got {s}")
+    m = spec.options.get("motion", "gated")
+    if m not in MOTIONS:
+        raise VlaBenchError(f"{spec.where('motion')}must be one of {', '.join(MOTIONS)}, got {m!r}")
 
 
 def identity(spec, registry) -> str:
@@ -52,7 +66,8 @@ def identity(spec, registry) -> str:
 
 def build(spec, context) -> "ScriptedExpert":
     return ScriptedExpert(fumble_probability=float(spec.options.get("fumble_probability", 0.0)),
-                          action_noise=float(spec.options.get("action_noise", 0.0)))
+                          action_noise=float(spec.options.get("action_noise", 0.0)),
+                          motion=spec.options.get("motion", "gated"))
 
 
 # ---- control constants (measured on LIBERO's OSC_POSE controller; see the module docstring) -------------------
@@ -63,6 +78,9 @@ Q7_LIMIT = 2.8973  # Panda joint 7 limit (rad)
 MAX_OPENING = 0.08  # Panda finger opening (m)
 BODY_GRASP_WIDTH = 0.07  # objects at most this wide (with margin) are grasped across the body
 HOVER = 0.10  # approach height above the grasp point
+FUNNEL_GRASP_XY = 0.04  # motion "funnel": horizontal error (m) from which the hand is at HOVER over the grasp point
+FUNNEL_PLACE_XY = 0.03  # motion "funnel": horizontal error (m) from which the object is at the carry height
+PLACE_CLEARANCE = 0.008  # the lowering aims the object's bottom this far above what it will rest on
 CLEARANCE_CAP = 0.03  # clearances above this count as "free"; ties then go to the robot-facing side
 #: the gripper as boxes in its yaw frame (x across the fingers, y along the finger axis, z up from the grip site),
 #: measured from the robosuite Panda gripper's collision geoms with the fingers open
@@ -256,13 +274,16 @@ class ScriptedExpert:
     needs_privileged = True
     runs_in_worker = True  # CPU-only and picklable: each env worker runs whole episodes with its own copy
 
-    def __init__(self, fumble_probability: float = 0.0, action_noise: float = 0.0):
+    def __init__(self, fumble_probability: float = 0.0, action_noise: float = 0.0, motion: str = "gated"):
+        if motion not in MOTIONS:
+            raise VlaBenchError(f"motion must be one of {', '.join(MOTIONS)}, got {motion!r}")
         self.fumble_probability = float(fumble_probability)
         self.action_noise = float(action_noise)
+        self.motion = motion
         self._episodes: dict[int, _Episode] = {}
 
     def reset(self, slot: int, seed: int) -> None:
-        self._episodes[slot] = _Episode(int(seed), self.fumble_probability, self.action_noise)
+        self._episodes[slot] = _Episode(int(seed), self.fumble_probability, self.action_noise, self.motion)
 
     def act(self, observations, instructions, slots) -> np.ndarray:
         actions = np.zeros((len(slots), 7))
@@ -282,11 +303,12 @@ class ScriptedExpert:
 
 
 class _Episode:
-    def __init__(self, seed: int, fumble_probability: float, action_noise: float):
+    def __init__(self, seed: int, fumble_probability: float, action_noise: float, motion: str = "gated"):
         # separate streams, so that the fumble draw and the noise do not shift each other
         self.fumble = bool(np.random.default_rng([seed, 1]).random() < fumble_probability)
         self.noise_rng = np.random.default_rng([seed, 2])
         self.action_noise = action_noise
+        self.funnel = motion == "funnel"
         self.tasks: list | None = None
         self.gave_up = False
         self.hold: np.ndarray | None = None
@@ -343,6 +365,21 @@ def _knob_joint(scene, name):
         if art["owner"] == name and art["type"] == "hinge":
             return jname
     return None
+
+
+def approach_height(xy_err: float, funnel: bool) -> float:
+    """How far above the grasp point the hand aims during the approach, at horizontal error xy_err (m): HOVER, or
+    under motion "funnel" a height that shrinks with the error, reaching the grasp point itself at 0."""
+    return HOVER * min(1.0, xy_err / FUNNEL_GRASP_XY) if funnel else HOVER
+
+
+def carry_height(carry_bottom: float, floor: float, xy_err: float, funnel: bool) -> float:
+    """The height the carried object's bottom aims at, at horizontal error xy_err (m) from its destination:
+    carry_bottom, or under motion "funnel" a height that descends with the error to just above the floor."""
+    if not funnel:
+        return carry_bottom
+    rest = floor + PLACE_CLEARANCE
+    return rest + (carry_bottom - rest) * min(1.0, xy_err / FUNNEL_PLACE_XY)
 
 
 def move_action(obs, target, yaw, gripper) -> np.ndarray:
@@ -448,6 +485,7 @@ class _PickPlace:
     """Pick `obj` and put it on / in `dest` (an entity or a region site)."""
 
     APPROACH_TIMEOUT = 60
+    DESCEND_TIMEOUT = 25
     MAX_ATTEMPTS = 6
 
     def __init__(self, obj: str, dest: str, relation: str, episode: _Episode):
@@ -574,20 +612,23 @@ class _PickPlace:
         g = p + R @ local  # the grasp point follows the object if it moves
 
         if self.phase == "approach":
-            target = g + np.array([0.0, 0.0, HOVER])
-            if np.linalg.norm(target[:2] - eef[:2]) > 0.04:
+            xy_err = float(np.linalg.norm(g[:2] - eef[:2]))
+            target = g + np.array([0.0, 0.0, approach_height(xy_err, self.ep.funnel)])
+            if xy_err > 0.04:
                 target[2] = max(target[2], eef[2])  # go over, then down
             err = target - eef
             yaw_err = abs(wrap(hand_yaw(quat_xyzw_to_mat(obs["robot0_eef_quat"])) - yaw))
-            if np.linalg.norm(err[:2]) < 0.006 and abs(err[2]) < 0.02 and yaw_err < 0.08:
+            if self.ep.funnel and np.linalg.norm(g - eef) < 0.006 and yaw_err < 0.08:
+                self._go("close")  # at the grasp point: the funnel was the descent
+            elif not self.ep.funnel and np.linalg.norm(err[:2]) < 0.006 and abs(err[2]) < 0.02 and yaw_err < 0.08:
                 self._go("descend")
-            elif self.t > self.APPROACH_TIMEOUT:
+            elif self.t > self.APPROACH_TIMEOUT + (self.DESCEND_TIMEOUT if self.ep.funnel else 0):
                 self.failed.add(k)
                 self._go("plan")
             return move_action(obs, target, yaw, OPEN)
 
         if self.phase == "descend":
-            if np.linalg.norm(g - eef) < 0.006 or self.t > 25:
+            if np.linalg.norm(g - eef) < 0.006 or self.t > self.DESCEND_TIMEOUT:
                 self._go("close")
             return move_action(obs, g, yaw, OPEN)
 
@@ -633,10 +674,11 @@ class _PickPlace:
             self._go("regrasp")
 
         if self.phase == "transport":
-            dest_xy, _ = self._dest_xy_and_floor(v, bottom)
+            dest_xy, floor = self._dest_xy_and_floor(v, bottom)
             target = eef.copy()
             target[:2] += dest_xy - p[:2]
-            target[2] = eef[2] + (self.carry_bottom - bottom)
+            carry = carry_height(self.carry_bottom, floor, float(np.linalg.norm(dest_xy - p[:2])), self.ep.funnel)
+            target[2] = eef[2] + (carry - bottom)
             if np.linalg.norm(dest_xy - p[:2]) < 0.01 or self.t > 80:
                 self.z_hist = []
                 self._go("lower")
@@ -646,7 +688,7 @@ class _PickPlace:
             dest_xy, floor = self._dest_xy_and_floor(v, bottom)
             target = eef.copy()
             target[:2] += dest_xy - p[:2]
-            target[2] = eef[2] + (floor + 0.008 - bottom)
+            target[2] = eef[2] + (floor + PLACE_CLEARANCE - bottom)
             self.z_hist.append(float(eef[2]))
             stalled = len(self.z_hist) > 4 and self.z_hist[-4] - self.z_hist[-1] < 0.003
             # going lower would put the hand on a container's wall: let the object drop from here

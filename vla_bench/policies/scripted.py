@@ -20,10 +20,11 @@ hand is within 6 mm over the grasp point and at the grasp yaw, then descend; car
 is within 1 cm over its destination, then lower. "funnel" makes the height a continuous function of the horizontal
 error instead: the hand descends as it closes in on the grasp point (HOVER at FUNNEL_GRASP_XY and beyond, the grasp
 height at 0), and the carried object descends as it closes in on its destination (the carry height at
-FUNNEL_PLACE_XY and beyond). The conditions that end a phase stay. The point is demos a policy can learn from an
-image: under "gated", a state a few millimetres either side of a switch shows two different actions (hold height,
-descend), which a camera cannot tell apart, and a cloned policy hovers there; under "funnel", nearby states get
-nearby actions.
+FUNNEL_PLACE_XY and beyond). The descent then starts over the grasp point at most 1.5 cm above it instead of at
+HOVER, and the lowering at most a third of the way down; the other conditions that end a phase stay. The point is
+demos a policy can learn from an image: under "gated", the same state (right over the grasp point at HOVER) shows
+two different actions (hold, then descend), which a camera cannot tell apart, and a cloned policy can hover there;
+under "funnel", nearby states get nearby actions.
 
 Degraded options (for regression-gate tests): `fumble_probability` makes whole episodes, chosen from the episode
 seed, open the gripper during the lift and give up; `action_noise` adds seeded Gaussian noise to the arm dims.
@@ -618,11 +619,12 @@ class _PickPlace:
                 target[2] = max(target[2], eef[2])  # go over, then down
             err = target - eef
             yaw_err = abs(wrap(hand_yaw(quat_xyzw_to_mat(obs["robot0_eef_quat"])) - yaw))
-            if self.ep.funnel and np.linalg.norm(g - eef) < 0.006 and yaw_err < 0.08:
-                self._go("close")  # at the grasp point: the funnel was the descent
-            elif not self.ep.funnel and np.linalg.norm(err[:2]) < 0.006 and abs(err[2]) < 0.02 and yaw_err < 0.08:
+            # gated: over the grasp point at the hover height; funnel: over it at whatever height the funnel has
+            # reached (at most HOVER * 0.006 / FUNNEL_GRASP_XY = 1.5 cm above it, so the descent's target moves
+            # by at most that)
+            if np.linalg.norm(err[:2]) < 0.006 and yaw_err < 0.08 and (self.ep.funnel or abs(err[2]) < 0.02):
                 self._go("descend")
-            elif self.t > self.APPROACH_TIMEOUT + (self.DESCEND_TIMEOUT if self.ep.funnel else 0):
+            elif self.t > self.APPROACH_TIMEOUT:
                 self.failed.add(k)
                 self._go("plan")
             return move_action(obs, target, yaw, OPEN)

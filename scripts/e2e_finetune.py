@@ -30,6 +30,8 @@ states, base / candidate):
 - `--action-noise 0.1` (DART) made the labels much harder to predict from images (the base's held-out normalized L1
   0.209 against 0.052 clean) and the candidate worse (0/50; open-loop correlation 0.875); 0.3 was too strong for the
   expert (55 failed attempts for 50 task6 demos). The default is no noise.
+- Not measured yet: `--expert-motion funnel`, demos without the default expert's hover-then-descend switch, which
+  looks like the hovering in the contact sheets (policies/scripted.py explains it).
 
 Every stage is a separate process (collect, finetune, pytest), as a user would run them, and is skipped when its
 output exists, so a killed run is restarted with the same command. This process itself imports neither torch nor

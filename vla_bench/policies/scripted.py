@@ -20,8 +20,10 @@ hand is within 6 mm over the grasp point and at the grasp yaw, then descend; car
 is within 1 cm over its destination, then lower. "funnel" makes the height a continuous function of the horizontal
 error instead: the hand descends as it closes in on the grasp point (HOVER at FUNNEL_GRASP_XY and beyond, the grasp
 height at 0), and the carried object descends as it closes in on its destination (the carry height at
-FUNNEL_PLACE_XY and beyond). The descent then starts over the grasp point at most 1.5 cm above it instead of at
-HOVER, and the lowering at most a third of the way down; the other conditions that end a phase stay. The point is
+FUNNEL_PLACE_XY and beyond). The descent phase then starts over the grasp point at most 1.5 cm above it instead of
+at HOVER, and the lowering phase at most a third of the carry height above the resting height; the other
+conditions that end a phase stay (the descent's timeout included: in the drawer and on the stove the hand stalls
+~1 cm above the grasp point, and the gripper closes there). The point is
 demos a policy can learn from an image: under "gated", the same state (right over the grasp point at HOVER) shows
 two different actions (hold, then descend), which a camera cannot tell apart, and a cloned policy can hover there;
 under "funnel", nearby states get nearby actions.

@@ -70,6 +70,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from vla_bench.policies.scripted import DEFAULT_MOTION, MOTIONS  # noqa: E402  (NumPy only: no torch, no simulator)
+from vla_bench.video import VIDEO_MODES  # noqa: E402
 PY = sys.executable
 SUITE = "libero_spatial"
 N_TASKS = 10
@@ -141,7 +144,7 @@ def collect_command(args, work: Path, tasks: list[int], n_demos: int, out: str =
 
 def expert_entry(args) -> str:
     """The checkpoints.toml entry that collects the demos: the repo's `expert`, or one with another motion."""
-    return "expert" if args.expert_motion == "gated" else f"expert-{args.expert_motion}"
+    return "expert" if args.expert_motion == DEFAULT_MOTION else f"expert-{args.expert_motion}"
 
 
 def demo_count(path: Path) -> int:
@@ -253,7 +256,7 @@ def main(argv=None) -> int:
                         "open-loop stage)")
     p.add_argument("--action-noise", type=float, default=0.0,
                    help="collect --action-noise of the training demos (the evaluation demos are clean; default 0)")
-    p.add_argument("--expert-motion", choices=("gated", "funnel"), default="gated",
+    p.add_argument("--expert-motion", choices=MOTIONS, default=DEFAULT_MOTION,
                    help="the scripted expert's motion in the demos (policies/scripted.py: funnel asks for heights "
                         "that vary smoothly with the horizontal error)")
     p.add_argument("--workers", type=int, default=16, help="simulator processes for collection and evaluation")
@@ -266,14 +269,13 @@ def main(argv=None) -> int:
     p.add_argument("--lora-schedule", choices=("constant", "cosine"), default="constant",
                    help="the candidate's learning-rate schedule (constant: the published recipe)")
     p.add_argument("--episodes", type=int, default=50, help="evaluation episodes (the 50 official init states)")
-    p.add_argument("--video", choices=("none", "failed", "all"), default="none",
+    p.add_argument("--video", choices=VIDEO_MODES, default="none",
                    help="contact sheets (PNG, no encoder needed) of the closed-loop episodes, in WORK/videos")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after", choices=STAGES, default="eval",
                    help="end after this stage (lora: the candidate trained and the base evaluated beside it); the "
                         "same command later resumes (default: run everything)")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
     from vla_bench.envs.tasks import suite_tasks
 
     work = (REPO / args.work).resolve()
@@ -282,7 +284,7 @@ def main(argv=None) -> int:
     toml = work / "checkpoints.toml"
     if not toml.exists():  # the repo's entries (expert, controls, thresholds) plus ours, in a file of our own
         shutil.copyfile(REPO / "checkpoints.toml", toml)
-    if args.expert_motion != "gated":
+    if args.expert_motion != DEFAULT_MOTION:
         add_entry(toml, expert_entry(args), {"kind": "scripted", "motion": args.expert_motion},
                   f"e2e: the scripted expert with motion = {args.expert_motion!r}, collecting the demos")
     timings_path = work / "timings.json"

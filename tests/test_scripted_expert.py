@@ -16,7 +16,7 @@ import pytest
 from vla_bench.errors import VlaBenchError
 from vla_bench.policies import scripted
 from vla_bench.policies.scripted import (
-    R_DOWN, ScriptedExpert, axis_angle, choose_grasp, choose_yaw, gripper_clearance, hand_yaw, rot_z, wrap,
+    R_DOWN, _PickPlace, ScriptedExpert, axis_angle, choose_grasp, choose_yaw, gripper_clearance, hand_yaw, rot_z, wrap,
     yaw_for_axis,
 )
 
@@ -423,9 +423,10 @@ def test_funnel_carry_height_descends_with_the_error_to_just_above_the_floor(a, 
     assert c(carry, floor, a, False) == carry
 
 
-def _approach_on_an_ideal_arm(motion):
-    """The expert's approach on the synthetic scene with an arm that goes where it is asked: [(phase, horizontal
-    error to the grasp point, height above it)] per step, until the gripper closes."""
+def _approach_on_an_ideal_arm(motion, blocked_above=None):
+    """The expert's approach on the synthetic scene with an arm that goes where it is asked (but never lower than
+    `blocked_above` m over the grasp point, when given: a finger on something): [(phase, horizontal error to the
+    grasp point, height above it)] per step, until the gripper closes."""
     scene = spatial_scene()
     expert = ScriptedExpert(motion=motion)
     expert.reset(0, 123)
@@ -437,6 +438,8 @@ def _approach_on_an_ideal_arm(motion):
     for _ in range(120):
         a = expert.act([obs_at(eef, scene, yaw=yaw)], ["pick"], [0])[0]
         eef = eef + a[:3] / scripted.POS_GAIN
+        if blocked_above is not None:
+            eef[2] = max(eef[2], grasp_point[2] + blocked_above)
         trace.append((expert.phase(0), float(np.linalg.norm(eef[:2] - grasp_point[:2])),
                       float(eef[2] - grasp_point[2])))
         if expert.phase(0) == "close":
@@ -454,6 +457,17 @@ def test_funnel_never_holds_a_height_over_the_grasp_point_where_gated_does():
     assert any(a == pytest.approx(b) and a > 0.8 * scripted.HOVER for a, b in zip(over, over[1:]))
     over = [z for _, xy, z in funnel if xy < 0.006]
     assert all(b < a - 1e-6 for a, b in zip(over, over[1:]) if a > 0.006)
+
+
+@pytest.mark.parametrize("motion", scripted.MOTIONS)
+def test_a_hand_stalled_over_the_grasp_point_still_closes_there(motion):
+    """In the drawer and on the stove the hand stalls ~1 cm above the grasp point: the descent's timeout closes the
+    gripper there (a grasp that holds) instead of giving up on the side, under either motion."""
+    trace = _approach_on_an_ideal_arm(motion, blocked_above=0.01)
+    phases = [phase for phase, _, _ in trace]
+    assert phases[-1] == "close" and "plan" not in phases
+    assert phases.count("descend") == _PickPlace.DESCEND_TIMEOUT + 1
+    assert trace[-1][1] < 0.006 and trace[-1][2] == pytest.approx(0.01)
 
 
 def test_motion_option_is_validated_and_changes_the_identity():

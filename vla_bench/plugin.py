@@ -53,7 +53,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="group-sequential gate with LOOKS equally spaced looks: stops a task once a look decides")
     group.addoption("--vla-baselines", default="baselines", metavar="DIR", help="baselines folder (default baselines/)")
     group.addoption("--video", choices=VIDEO_MODES, default="none", help="write a video per episode")
-    group.addoption("--video-format", choices=VIDEO_FORMATS, default="mp4",
+    group.addoption("--video-format", choices=tuple(VIDEO_FORMATS), default="mp4",
                     help="mp4 (needs imageio-ffmpeg) or sheet: one PNG of every 6th frame (0.3 s apart) and the last")
     group.addoption("--video-dir", default="videos", metavar="DIR", help="where videos go (default: videos/)")
 

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import VlaBenchError
 
 VIDEO_MODES = ("none", "failed", "all")
-VIDEO_FORMATS = ("mp4", "sheet")
+VIDEO_FORMATS = {"mp4": ".mp4", "sheet": ".png"}  # format -> file suffix
 FPS = 20  # LIBERO's control rate, so a video plays in real time
 SHEET_EVERY = 6  # 0.3 s apart at 20 Hz: a 220-step episode fits in 38 tiles
 SHEET_COLUMNS = 10
@@ -24,8 +24,8 @@ def wants_video(mode: str, success: bool) -> bool:
 
 def video_path(video_dir: Path, checkpoint: str, suite: str, task_id: str, init_index: int, outcome: str,
                video_format: str = "mp4") -> Path:
-    suffix = ".mp4" if video_format == "mp4" else ".png"
-    return Path(video_dir) / checkpoint / suite / task_id / f"episode{init_index:03d}-{outcome}{suffix}"
+    return (Path(video_dir) / checkpoint / suite / task_id
+            / f"episode{init_index:03d}-{outcome}{VIDEO_FORMATS[video_format]}")
 
 
 def require_video_writer(video_format: str = "mp4") -> None:

@@ -44,6 +44,7 @@ from .identity import hash_files
 
 KEYS = {"fumble_probability": float, "action_noise": float, "motion": str}
 MOTIONS = ("gated", "funnel")
+DEFAULT_MOTION = MOTIONS[0]
 REQUIRED: tuple = ()
 
 _SCENE_SOURCE = Path(__file__).resolve().parent.parent / "envs" / "scene.py"
@@ -56,7 +57,7 @@ def validate(spec, registry) -> None:
     s = spec.options.get("action_noise", 0.0)
     if not (s >= 0.0 and math.isfinite(s)):
         raise VlaBenchError(f"{spec.where('action_noise')}must be a finite number >= 0, got {s}")
-    m = spec.options.get("motion", "gated")
+    m = spec.options.get("motion", DEFAULT_MOTION)
     if m not in MOTIONS:
         raise VlaBenchError(f"{spec.where('motion')}must be one of {', '.join(MOTIONS)}, got {m!r}")
 
@@ -70,7 +71,7 @@ def identity(spec, registry) -> str:
 def build(spec, context) -> "ScriptedExpert":
     return ScriptedExpert(fumble_probability=float(spec.options.get("fumble_probability", 0.0)),
                           action_noise=float(spec.options.get("action_noise", 0.0)),
-                          motion=spec.options.get("motion", "gated"))
+                          motion=spec.options.get("motion", DEFAULT_MOTION))
 
 
 # ---- control constants (measured on LIBERO's OSC_POSE controller; see the module docstring) -------------------
@@ -277,7 +278,7 @@ class ScriptedExpert:
     needs_privileged = True
     runs_in_worker = True  # CPU-only and picklable: each env worker runs whole episodes with its own copy
 
-    def __init__(self, fumble_probability: float = 0.0, action_noise: float = 0.0, motion: str = "gated"):
+    def __init__(self, fumble_probability: float = 0.0, action_noise: float = 0.0, motion: str = DEFAULT_MOTION):
         if motion not in MOTIONS:
             raise VlaBenchError(f"motion must be one of {', '.join(MOTIONS)}, got {motion!r}")
         self.fumble_probability = float(fumble_probability)
@@ -306,7 +307,7 @@ class ScriptedExpert:
 
 
 class _Episode:
-    def __init__(self, seed: int, fumble_probability: float, action_noise: float, motion: str = "gated"):
+    def __init__(self, seed: int, fumble_probability: float, action_noise: float, motion: str = DEFAULT_MOTION):
         # separate streams, so that the fumble draw and the noise do not shift each other
         self.fumble = bool(np.random.default_rng([seed, 1]).random() < fumble_probability)
         self.noise_rng = np.random.default_rng([seed, 2])

@@ -463,11 +463,69 @@ def test_funnel_never_holds_a_height_over_the_grasp_point_where_gated_does():
 def test_a_hand_stalled_over_the_grasp_point_still_closes_there(motion):
     """In the drawer and on the stove the hand stalls ~1 cm above the grasp point: the descent's timeout closes the
     gripper there (a grasp that holds) instead of giving up on the side, under either motion."""
-    trace = _approach_on_an_ideal_arm(motion, blocked_above=0.01)
+    stall = 0.01 if motion != "decisive" else scripted.CLOSE_WITHIN[True] + 0.005  # above "decisive"'s own band
+    trace = _approach_on_an_ideal_arm(motion, blocked_above=stall)
     phases = [phase for phase, _, _ in trace]
     assert phases[-1] == "close" and "plan" not in phases
     assert phases.count("descend") == _PickPlace.DESCEND_TIMEOUT + 1
-    assert trace[-1][1] < 0.006 and trace[-1][2] == pytest.approx(0.01)
+    assert trace[-1][1] < 0.006 and trace[-1][2] == pytest.approx(stall)
+
+
+def _distance_when_the_gripper_closes(motion, follow=0.3):
+    """On the synthetic scene with a sluggish arm (it covers `follow` of the asked move per step, as the OSC
+    controller roughly does): the hand's distance to the grasp point in the observation on which the expert first
+    commands the gripper closed."""
+    scene = spatial_scene()
+    expert = ScriptedExpert(motion=motion)
+    expert.reset(0, 123)
+    eef = np.array([-0.21, 0.0, 1.17])
+    expert.act([obs_at(eef, scene)], ["pick"], [0])
+    local, yaw, _ = expert._episodes[0].tasks[0].grasp
+    grasp_point = scene["pos"][0] + local
+    for _ in range(300):
+        a = expert.act([obs_at(eef, scene, yaw=yaw)], ["pick"], [0])[0]
+        if a[6] == scripted.CLOSE:
+            return float(np.linalg.norm(eef - grasp_point))
+        eef = eef + follow * a[:3] / scripted.POS_GAIN
+    raise AssertionError(f"{motion}: the gripper never closed")
+
+
+def test_decisive_closes_while_still_descending_where_the_others_wait_for_millimetres():
+    """"decisive" commands the gripper closed 6-15 mm from the grasp point (the fingers are slower than the hand);
+    gated and funnel wait until the hand is within 6 mm, after a decelerating approach of near-still frames."""
+    assert 0.006 <= _distance_when_the_gripper_closes("decisive") < scripted.CLOSE_WITHIN[True]
+    for motion in ("gated", "funnel"):
+        assert _distance_when_the_gripper_closes(motion) < scripted.CLOSE_WITHIN[False]
+
+
+def _lowering_step(motion, bottom_above_rest, width=0.01):
+    """One step of the lowering phase with the bowl held centred over the plate, its bottom `bottom_above_rest` m
+    over the plate's top: (phase after the step, gripper command)."""
+    scene = spatial_scene()
+    expert = ScriptedExpert(motion=motion)
+    expert.reset(0, 5)
+    expert.act([obs_at([-0.21, 0.0, 1.17], scene)], ["pick"], [0])
+    task = expert._episodes[0].tasks[0]
+    plate_top = scene["pos"][1][2] + 0.012
+    bowl_bottom_offset = 0.001  # the bowl's floor box bottom sits 1 mm over its origin (bowl_boxes)
+    z = plate_top + bottom_above_rest - bowl_bottom_offset
+    shift = np.array([scene["pos"][1][0], scene["pos"][1][1], z]) - scene["pos"][0]
+    scene["pos"][0] += shift
+    scene["geom_pos"][scene["geom_owner"] == 0] += shift
+    task._go("lower")
+    task.z_hist = []
+    eef = scene["pos"][0] + np.array([0.047, 0.0, 0.03])
+    a = expert.act([obs_at(eef, scene, width=width)], ["place"], [0])[0]
+    return expert.phase(0), a[6]
+
+
+@pytest.mark.parametrize("motion", scripted.MOTIONS)
+def test_the_gripper_opens_within_the_release_height_and_not_above_it(motion):
+    """Every motion lowers a held object until its bottom is RELEASE_ABOVE over where it will rest, then opens:
+    3 cm for "decisive" (a short drop, reached at speed), 1.2 cm otherwise."""
+    above = scripted.RELEASE_ABOVE[motion == "decisive"]
+    assert _lowering_step(motion, above - 0.004)[0] == "release"
+    assert _lowering_step(motion, above + 0.006) == ("lower", scripted.CLOSE)
 
 
 def test_motion_option_is_validated_and_changes_the_identity():
@@ -476,7 +534,25 @@ def test_motion_option_is_validated_and_changes_the_identity():
                                where=lambda key=None: f"checkpoints.toml: [checkpoints.e] {key}: ")
 
     assert scripted.identity(spec(motion="funnel"), None) != scripted.identity(spec(), None)
-    with pytest.raises(VlaBenchError, match=r"\[checkpoints.e\] motion: must be one of gated, funnel, got 'smooth'"):
+    with pytest.raises(VlaBenchError, match=r"\[checkpoints.e\] motion: must be one of gated, funnel, decisive, got 'smooth'"):
         scripted.validate(spec(motion="smooth"), None)
     assert scripted.build(spec(motion="funnel"), None).motion == "funnel"
     assert scripted.build(spec(), None).motion == "gated"
+
+
+@pytest.mark.parametrize("motion, steps", [("decisive", 3), ("funnel", 10), ("gated", 10)])
+def test_the_lift_starts_once_the_fingers_stop_under_decisive_and_after_ten_steps_otherwise(motion, steps):
+    """Closing on the bowl wall, the finger gap stops changing: "decisive" lifts from then on (after the 3 steps
+    the gripper needs to start moving), the others after a fixed 10 steps of holding still."""
+    scene = spatial_scene()
+    expert = ScriptedExpert(motion=motion)
+    expert.reset(0, 1)
+    expert.act([obs_at([-0.21, 0.0, 1.17], scene)], ["pick"], [0])
+    task = expert._episodes[0].tasks[0]
+    task._go("close")
+    task.width_before = 0.005
+    taken = 0
+    while expert.phase(0) == "close" and taken < 20:
+        expert.act([obs_at([-0.1, 0.1, 0.93], scene, width=0.005)], ["pick"], [0])
+        taken += 1
+    assert expert.phase(0) == "lift" and taken == steps

@@ -27,6 +27,13 @@ conditions that end a phase stay (the descent's timeout included: in the drawer 
 demos a policy can learn from an image: under "gated", the same state (right over the grasp point at HOVER) shows
 two different actions (hold, then descend), which a camera cannot tell apart, and a cloned policy can hover there;
 under "funnel", nearby states get nearby actions.
+"decisive" is "funnel" with gripper switches that leave margins: the gripper closes while the hand still descends,
+CLOSE_WITHIN 1.5 cm from the grasp point (the fingers take ~10 steps to close, so the hand gets there first); the lift
+starts as soon as the fingers stop; and the gripper opens with the carried object's bottom RELEASE_ABOVE 3 cm over its
+rest (a short drop) instead of 1.2 cm. Traced in the default's demos (task6): the lowering decelerates from 2.6 to
+~1.5 cm over the plate in 6-8 steps, often stalling on its rim, and 1-3 open steps follow before success, so at "the
+bowl held just over the plate" nearly every label says "closed, nearly still", and cloned policies held the bowl
+there until the time ran out (the e2e proof's candidates, scripts/e2e_finetune.py).
 
 Degraded options (for regression-gate tests): `fumble_probability` makes whole episodes, chosen from the episode
 seed, open the gripper during the lift and give up; `action_noise` adds seeded Gaussian noise to the arm dims.
@@ -43,7 +50,7 @@ from ..errors import VlaBenchError
 from .identity import hash_files
 
 KEYS = {"fumble_probability": float, "action_noise": float, "motion": str}
-MOTIONS = ("gated", "funnel")
+MOTIONS = ("gated", "funnel", "decisive")
 DEFAULT_MOTION = MOTIONS[0]
 REQUIRED: tuple = ()
 
@@ -84,6 +91,9 @@ BODY_GRASP_WIDTH = 0.07  # objects at most this wide (with margin) are grasped a
 HOVER = 0.10  # approach height above the grasp point
 FUNNEL_GRASP_XY = 0.04  # motion "funnel": horizontal error (m) from which the hand is at HOVER over the grasp point
 FUNNEL_PLACE_XY = 0.03  # motion "funnel": horizontal error (m) from which the object is at the carry height
+CLOSE_WITHIN = {False: 0.006, True: 0.015}  # the gripper closes this near the grasp point (m); True: "decisive"
+RELEASE_ABOVE = {False: 0.012, True: 0.03}  # it opens with the object's bottom this far above its rest (m)
+FINGERS_STOPPED = 0.0005  # "decisive" lifts once the finger gap changes less than this per step (m)
 PLACE_CLEARANCE = 0.008  # the lowering aims the object's bottom this far above what it will rest on
 CLEARANCE_CAP = 0.03  # clearances above this count as "free"; ties then go to the robot-facing side
 #: the gripper as boxes in its yaw frame (x across the fingers, y along the finger axis, z up from the grip site),
@@ -312,7 +322,8 @@ class _Episode:
         self.fumble = bool(np.random.default_rng([seed, 1]).random() < fumble_probability)
         self.noise_rng = np.random.default_rng([seed, 2])
         self.action_noise = action_noise
-        self.funnel = motion == "funnel"
+        self.funnel = motion in ("funnel", "decisive")
+        self.decisive = motion == "decisive"
         self.tasks: list | None = None
         self.gave_up = False
         self.hold: np.ndarray | None = None
@@ -633,12 +644,17 @@ class _PickPlace:
             return move_action(obs, target, yaw, OPEN)
 
         if self.phase == "descend":
-            if np.linalg.norm(g - eef) < 0.006 or self.t > self.DESCEND_TIMEOUT:
+            if np.linalg.norm(g - eef) < CLOSE_WITHIN[self.ep.decisive] or self.t > self.DESCEND_TIMEOUT:
                 self._go("close")
+                self.width_before = width
             return move_action(obs, g, yaw, OPEN)
 
         if self.phase == "close":
-            if self.t >= 10:
+            # "decisive": lift as soon as the fingers stop (closed on something or on nothing), not after a fixed
+            # count: frames of a still hand on a gripped object would otherwise show "hold" before "lift"
+            stopped = self.ep.decisive and self.t >= 3 and abs(width - self.width_before) < FINGERS_STOPPED
+            self.width_before = width
+            if self.t >= 10 or stopped:
                 if width < 0.0025:  # closed on nothing
                     self.failed.add(k)
                     self._go("regrasp")
@@ -699,7 +715,7 @@ class _PickPlace:
             # going lower would put the hand on a container's wall: let the object drop from here
             blocked = hand_clearance(eef - np.array([0.0, 0.0, 0.01]), self.grasp_axis,
                                      *v.obstacles(i, -np.inf)) < 0.004
-            if bottom < floor + 0.012 or stalled or blocked or self.t > 40:
+            if bottom < floor + RELEASE_ABOVE[self.ep.decisive] or stalled or blocked or self.t > 40:
                 self._go("release")
             return move_action(obs, target, yaw, CLOSE)
 

@@ -66,6 +66,12 @@ def add_finetune_arguments(parser) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (fused elementwise kernels; compiling takes a minute)")
+    g.add_argument("--fp8-base", action="store_true",
+                   help="LoRA: keep the frozen base linears in FP8 and run their GEMMs in FP8 (needs an FP8 GPU: "
+                        "compute capability 8.9+; the bf16 weights are dropped)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step as one CUDA graph and replay it (one CUDA process, "
+                        "--grad-accum 1, no dropout; rows padded to one length)")
     g.add_argument("--no-image-aug", action="store_true", help="turn off random crop + colour jitter")
     g.add_argument("--no-eos-loss", action="store_true", help="loss on the 7 action tokens only, not EOS")
     g.add_argument("--seed", type=int, default=7)
@@ -130,7 +136,7 @@ def config_from_args(args, base_dir: Path, out: Path, unnorm_key: str, prompt: s
         lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm, device=args.device,
         bf16={"auto": None, "on": True, "off": False}[args.bf16], gradient_checkpointing=args.gradient_checkpointing,
-        compile=args.compile,
+        compile=args.compile, fp8_base=args.fp8_base, cuda_graph=args.cuda_graph,
         image_aug=not args.no_image_aug, eos_loss=not args.no_eos_loss, prompt=prompt, seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
@@ -170,6 +176,14 @@ def run_finetune(args) -> int:
                             "--name or pass --replace")
     if args.full and args.merge:
         raise VlaBenchError("--merge applies to LoRA runs; a --full run writes a whole snapshot already")
+    if args.full and args.fp8_base:
+        raise VlaBenchError("--fp8-base applies to LoRA runs (it stores the frozen base in FP8); drop it or --full")
+    if args.cuda_graph:  # before the data is prepared: say what cannot work now, not minutes later
+        from ..openvla.checkpoint import resolve_device
+        from .cuda_graph import check_cuda_graph_options
+
+        check_cuda_graph_options(config_from_args(args, base_dir, Path("."), "", "openvla"),
+                                 resolve_device(args.device), int(os.environ.get("WORLD_SIZE", "1")))
     out = Path(args.out) if args.out else Path("runs") / args.name
     if (out / "adapter").exists() or (out / "model").exists():
         raise VlaBenchError(f"{out}: holds a finished run already; choose another --out or --name")
@@ -224,6 +238,8 @@ def run_finetune(args) -> int:
     final = result.get("final", {})
     shown = {k: round(v, 4) for k, v in final.items() if "/" in k}
     print(f"vla-bench finetune: {result['steps']} steps -> {out}; {json.dumps(shown)}")
+    if "cuda_graph" in result:
+        print(f"vla-bench finetune: --cuda-graph: {result['cuda_graph']}")
     # where a run's wall time went (data and frame cache vs model build, training, evaluation and writing)
     print(f"vla-bench finetune: {len(train_data)} train / {len(val_data)} held-out examples; data + frames "
           f"{prepared - started:.1f} s, model + training + writing {time.monotonic() - prepared:.1f} s")

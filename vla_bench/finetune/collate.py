@@ -5,6 +5,8 @@ tokens (normalization.py's BOUNDS_Q99, action_tokenizer.py's bins), then EOS. La
 except the action tokens and EOS, as in the reference (its loss is HF's mean cross-entropy over those 8 tokens per
 sample; `eos_loss=False` drops EOS from the loss). Rows are right-padded with the pad id, as the reference's
 collator does: with causal attention a real token never attends to a later pad, so no attention mask is needed.
+Rows are padded to the batch's longest, or to `pad_to` when it is set (a captured CUDA-graph step needs one shape
+for every batch; the extra pads change nothing for the real tokens, by the same causality).
 
 Images: frames come at the model's size after the training-side chain (flip where the data needs it, JPEG, lanczos
 resize: image.reference_chain with crop=False). The optional augmentation (augment.py) runs on the batch's device,
@@ -32,6 +34,7 @@ class ActionBatch:
     input_ids: torch.Tensor  # (B, T) long, right-padded with the pad id
     labels: torch.Tensor  # (B, T) long, IGNORE_INDEX except the target tokens
     n_action: int  # action tokens per row (7): the first n_action targets of each row are actions, then EOS
+    n_target: int | None = None  # labelled positions per row, the same in every row: n_action (+ 1 with EOS loss)
 
     def to(self, device) -> "ActionBatch":
         return dataclasses.replace(self, pixel_values=self.pixel_values.to(device, non_blocking=True),
@@ -44,13 +47,14 @@ class ActionBatch:
 
 class Collator:
     def __init__(self, tokenizer, arch, stats: Mapping[str, np.ndarray], prompt: str = "openvla",
-                 eos_loss: bool = True, augment: aug.AugmentConfig | None = None):
+                 eos_loss: bool = True, augment: aug.AugmentConfig | None = None, pad_to: int | None = None):
         self.tokenizer = tokenizer  # openvla.tokenizer.PromptTokenizer
         self.arch = arch
         self.stats = stats  # {"q01", "q99", "mask"} of the unnorm key (normalization.action_stats)
         self.prompt = prompt
         self.eos_loss = eos_loss
         self.augment = augment
+        self.pad_to = pad_to  # fixed row length (None: the batch's longest row)
         self.vocab = arch.action_vocab_size
         self.pad_id = int(arch.text_config.get("pad_token_id", self.vocab))
         self.eos_id = tokenizer.tokenizer.token_to_id("</s>")
@@ -76,9 +80,13 @@ class Collator:
         n_action = ids.shape[1]
         rows = [self.prompt_ids(t) + row.tolist() + [self.eos_id] for t, row in zip(instructions, ids)]
         width = max(len(r) for r in rows)
+        if self.pad_to is not None:
+            if width > self.pad_to:
+                raise ValueError(f"a row of {width} tokens does not fit the fixed length {self.pad_to} (pad_to)")
+            width = self.pad_to
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        n_target = n_action + (1 if self.eos_loss else 0)
+        n_target = self.n_target(n_action)
         for i, r in enumerate(rows):
             input_ids[i, : len(r)] = torch.tensor(r)
             start = len(r) - n_action - 1
@@ -98,8 +106,15 @@ class Collator:
         x = x.repeat(1, towers, 1, 1)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
+    def row_length(self, instruction: str, n_action: int) -> int:
+        """Tokens of a row for `instruction`: the prompt, the action tokens and EOS (the unpadded length)."""
+        return len(self.prompt_ids(instruction)) + n_action + 1
+
+    def n_target(self, n_action: int) -> int:
+        return n_action + (1 if self.eos_loss else 0)
+
     def __call__(self, frames, instructions: Sequence[str], actions, aug_params: torch.Tensor | None = None,
                  device=None) -> ActionBatch:
         input_ids, labels, n_action = self.text(instructions, actions)
         return ActionBatch(self.pixels(frames, aug_params, device), input_ids.to(device), labels.to(device),
-                           n_action)
+                           n_action, self.n_target(n_action))

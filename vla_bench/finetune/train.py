@@ -8,6 +8,9 @@ optimizer, resume, the loop (accumulate, step, log, evaluate, checkpoint), outpu
 or under `torchrun` / `accelerate launch` (the env vars they set are all it looks at): DDP for LoRA, FSDP (FSDP2,
 sharded per transformer block) for a full fine-tune.
 
+Speed options on one GPU, all off by default: `compile` (compile_blocks), `fp8_base` (fp8.py: the frozen base's
+GEMMs in FP8) and `cuda_graph` (cuda_graph.py: the whole step captured once and replayed).
+
 Determinism: the example order is a seeded permutation per epoch over an endless stream of positions, and each
 example's augmentation is drawn from a generator seeded by (seed, stream position); the global RNG (LoRA dropout)
 is saved in every checkpoint. A run resumed after a kill therefore sees the same batches with the same augmentations
@@ -21,6 +24,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VlaBenchError
 from ..openvla.action_tokenizer import BIN_CENTERS
 from .collate import IGNORE_INDEX, ActionBatch, Collator
 
@@ -61,6 +66,8 @@ class TrainConfig:
     bf16: bool | None = None  # None: bf16 autocast (and bf16 frozen base weights for LoRA) on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (compile_blocks)
+    fp8_base: bool = False  # frozen base linears of the LoRA layers in FP8 (fp8.py; LoRA on an FP8 GPU or the CPU)
+    cuda_graph: bool = False  # capture the whole training step as one CUDA graph (cuda_graph.py)
     # data
     image_aug: bool = True
     eos_loss: bool = True
@@ -153,27 +160,51 @@ class ActionModel(nn.Module):
         self.vla = vla
         self.register_buffer("bin_centers", torch.tensor(BIN_CENTERS, dtype=torch.float32), persistent=False)
 
-    def forward(self, pixel_values, input_ids, labels, n_action: int):
+    def forward(self, pixel_values, input_ids, labels, n_action: int, n_target: int | None = None):
+        """(loss, metrics). `n_target`: labelled positions per row (the collator's ActionBatch.n_target); without it
+        they are counted on the host (a synchronization; a captured CUDA-graph step passes it)."""
         vla = self.vla
         patches = vla.projector(vla.vision_backbone(pixel_values.to(vla.dtype)))
         text = vla.language_model.get_input_embeddings()(input_ids)
         embeds = torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
         hidden = vla.language_model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        b = input_ids.shape[0]
+        if n_target is None:
+            n_target = count_targets(labels)
         # text token j >= 1 sits at column j + P - 1 + 1; the column before it predicts it
-        rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-        logits = vla.language_model.lm_head(hidden[rows, cols + patches.shape[1]]).float()
-        targets = labels[:, 1:][rows, cols]
+        cols = target_columns(labels, n_target)  # (B, n_target)
+        at = (cols + patches.shape[1]).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        logits = vla.language_model.lm_head(hidden.gather(1, at).flatten(0, 1)).float()
+        targets = labels[:, 1:].gather(1, cols).flatten()
         loss = F.cross_entropy(logits, targets)
         with torch.no_grad():  # the reference's metrics, on the action tokens only (EOS excluded)
-            b = input_ids.shape[0]
             pred = logits.argmax(-1).view(b, -1)[:, :n_action]
             gt = targets.view(b, -1)[:, :n_action]
             vocab = vla.arch.action_vocab_size
             decode = lambda ids: self.bin_centers[(vocab - ids - 1).clamp(0, len(self.bin_centers) - 1)]
+            # counts filled on the device (torch.tensor(...) would be a host-to-device copy, illegal in a capture)
             metrics = torch.stack([loss.detach() * b, (pred == gt).sum().float(),
-                                   (decode(pred) - decode(gt)).abs().sum(), torch.tensor(float(b), device=loss.device),
-                                   torch.tensor(float(gt.numel()), device=loss.device)])
+                                   (decode(pred) - decode(gt)).abs().sum(), loss.new_full((), float(b)),
+                                   loss.new_full((), float(gt.numel()))])
         return loss, metrics  # metrics: [loss*B, correct, l1 sum, B, action tokens]
+
+
+def target_columns(labels: torch.Tensor, n_target: int) -> torch.Tensor:
+    """(B, n_target) columns of labels[:, 1:] that hold a label, in increasing order per row: what
+    (labels[:, 1:] != IGNORE_INDEX).nonzero() gives row by row, when every row has exactly n_target of them (the
+    collator's rows do). A stable sort of the "unlabelled" flags puts each row's labelled columns first, in order,
+    with a shape known in advance: no host synchronization (nonzero's output size is data-dependent)."""
+    unlabelled = (labels[:, 1:] == IGNORE_INDEX).to(torch.uint8)
+    return torch.sort(unlabelled, dim=1, stable=True).indices[:, :n_target]
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Labelled positions per row, checked to be the same in every row (one host synchronization)."""
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    lo, hi = int(counts.min()), int(counts.max())
+    if lo != hi:
+        raise ValueError(f"every row must have the same number of labelled positions, got {lo} to {hi}")
+    return lo
 
 
 def summarize(m: torch.Tensor) -> dict[str, float]:
@@ -245,6 +276,8 @@ def build_model(cfg: TrainConfig, device, world_rank: int = 0):
     """(snapshot, vla module, peft model or None): the base loaded from cfg.base, LoRA added with cfg.seed."""
     from ..openvla.checkpoint import load_snapshot
 
+    if cfg.fp8_base and not cfg.lora:
+        raise VlaBenchError("--fp8-base applies to LoRA runs (it stores the frozen base in FP8); drop it or --full")
     bf16 = use_bf16(cfg, device)
     # LoRA keeps the frozen base in bf16 on GPU as the reference does; a full fine-tune trains fp32 master weights
     dtype = "bfloat16" if (bf16 and cfg.lora) else "float32"
@@ -256,13 +289,27 @@ def build_model(cfg: TrainConfig, device, world_rank: int = 0):
         peft_model = add_lora(vla, cfg, cfg.base)
     else:
         vla.requires_grad_(True)
-    if cfg.gradient_checkpointing:
+    if cfg.cuda_graph:
+        from .cuda_graph import capture_safe_checkpointing, plain_causal_attention
+
+        if not plain_causal_attention(vla):
+            warnings.warn("--cuda-graph: this transformers version builds an attention mask inside the captured "
+                          "step (slower attention; with --compile the capture may fail)", RuntimeWarning)
+        if cfg.gradient_checkpointing:  # the same recomputation, without reading the RNG state (capture forbids it)
+            capture_safe_checkpointing(vla)
+    elif cfg.gradient_checkpointing:
         vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         vla.vision_backbone.featurizer.set_grad_checkpointing(True)
         if hasattr(vla.vision_backbone, "fused_featurizer"):
             vla.vision_backbone.fused_featurizer.set_grad_checkpointing(True)
     if peft_model is not None and bf16:
         keep_lora_inputs_in_autocast_dtype(peft_model)
+    if cfg.fp8_base:  # after LoRA is added (it converts the layers LoRA wraps), before compiling (graphs see FP8)
+        from .fp8 import convert_frozen_linears_to_fp8
+
+        convert_frozen_linears_to_fp8(vla)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the dropped bf16 weights' memory back
     if cfg.compile:
         compile_blocks(vla)
     vla.train()
@@ -271,6 +318,24 @@ def build_model(cfg: TrainConfig, device, world_rank: int = 0):
 
 def use_bf16(cfg: TrainConfig, device) -> bool:
     return (device.type == "cuda") if cfg.bf16 is None else bool(cfg.bf16)
+
+
+def fixed_text_length(collator: Collator, instructions, n_action: int) -> int:
+    """The longest row any of `instructions` makes (prompt, action tokens, EOS): the one length every batch is
+    padded to when a captured step needs a single shape."""
+    return max(collator.row_length(t, n_action) for t in instructions)
+
+
+def make_optimizer(params, cfg: TrainConfig, device, sharded: bool) -> torch.optim.Optimizer:
+    """AdamW. On CUDA the fused kernel (one launch per dtype/device group instead of a chain of foreach kernels;
+    the same update rule), except on FSDP's sharded parameters, which keep the default; capturable=True under
+    --cuda-graph (its step count and learning rate live on the device, so the update can be captured)."""
+    options = {}
+    if device.type == "cuda" and not sharded:
+        options["fused"] = True
+    if cfg.cuda_graph:
+        options["capturable"] = True
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **options)
 
 
 # ---- data order ---------------------------------------------------------------------------------------------------
@@ -354,6 +419,13 @@ def wrap_ddp(module: nn.Module, d: Dist, device) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from .fp8 import fp8_buffer_names
+
+    # --fp8-base: the FP8 weights are buffers, which DDP would broadcast from rank 0 at wrapping and before every
+    # forward (gigabytes per step on 7B); every rank quantized the same base identically, so they are left out
+    fp8_buffers = fp8_buffer_names(module)
+    if fp8_buffers:
+        DDP._set_params_and_buffers_to_ignore_for_model(module, fp8_buffers)
     # unused parameters exist by design: the last ViT block and SigLIP's MAP head (the reference's setting too)
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
                gradient_as_bucket_view=True)
@@ -566,7 +638,7 @@ def evaluate(model, collator, examples: Examples, cfg: TrainConfig, d: Dist, dev
             continue
         batch = make_batch(collator, examples, idx, device)
         with autocast():
-            _, m = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action)
+            _, m = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action, batch.n_target)
         total += m
     model.train()
     return summarize(all_reduce(total, d))
@@ -579,8 +651,10 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
     from ..openvla.checkpoint import write_dataset_statistics, write_snapshot
     from ..openvla.normalization import action_stats
     from . import augment, plots
+    from .cuda_graph import check_cuda_graph_options
 
     d, device = setup_distributed(cfg.device)
+    check_cuda_graph_options(cfg, device, d.world)
     out = Path(cfg.out)
     log_path = out / "log.jsonl"
     if d.main:
@@ -594,8 +668,14 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
         (out / "train_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
 
     snap, vla, peft_model = build_model(cfg, device, d.rank)
+    if cfg.fp8_base and d.main:
+        _record_fp8(out / "train_config.json", vla)
     collator = Collator(snap.tokenizer, vla.arch, action_stats(norm_stats, cfg.unnorm_key), prompt=cfg.prompt,
                         eos_loss=cfg.eos_loss, augment=augment.PUBLISHED if cfg.image_aug else None)
+    n_action = train_set.actions.shape[1]
+    if cfg.cuda_graph:  # one shape for every batch (held-out batches too: one compiled shape for evaluation)
+        texts = list(train_set.instructions) + (list(val_set.instructions) if val_set is not None else [])
+        collator.pad_to = fixed_text_length(collator, texts, n_action)
     module = ActionModel(vla).to(device)
     model = wrap_model(module, d, device, cfg.lora)  # FSDP shards `module` in place: model is module
     sharded = is_sharded(model)
@@ -604,11 +684,23 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
         (lambda: torch.autocast(device.type, enabled=False))
 
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg, device, sharded)
+    options = {k: optimizer.defaults[k] for k in ("fused", "capturable")}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     step = load_checkpoint(out, module, optimizer, scheduler, sharded, d.main)
+    if step > 0:  # a checkpoint's optimizer options may be another run's (e.g. written without --cuda-graph)
+        from .cuda_graph import match_optimizer_options
+
+        match_optimizer_options(optimizer, **options)
     if d.main:
         trim_log(log_path, step)
+    clip = (lambda: torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else None
+    graphed = None
+    if cfg.cuda_graph:
+        from .cuda_graph import GraphedTrainStep
+
+        graphed = GraphedTrainStep(module, optimizer, torch.bfloat16 if bf16 else None, n_action,
+                                   collator.n_target(n_action), clip)
 
     stream = Stream(len(train_set), cfg.seed)
     per_micro = cfg.batch_size * d.world  # stream positions consumed by one micro-step across ranks
@@ -627,17 +719,22 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
                 positions = np.arange(first, first + cfg.batch_size)
                 batch = make_batch(collator, train_set, stream.indices(first, cfg.batch_size), device,
                                    cfg.seed if cfg.image_aug else None, positions)
+                if graphed is not None:  # forward, backward, clipping and the update, captured (grad_accum is 1)
+                    running += graphed(batch.pixel_values, batch.input_ids, batch.labels)
+                    continue
                 sync = micro == cfg.grad_accum - 1 or d.world == 1
                 with gradient_sync(model, sync), autocast():
-                    loss, m = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action)
+                    loss, m = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action,
+                                    batch.n_target)
                 (loss / cfg.grad_accum).backward()
                 running += m
-            if cfg.max_grad_norm:  # FSDP: DTensor gradients, whose norm clip_grad_norm_ all-reduces
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if graphed is None:
+                if clip is not None:  # FSDP: DTensor gradients, whose norm clip_grad_norm_ all-reduces
+                    clip()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             final = step == cfg.max_steps
@@ -664,6 +761,10 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
             progress.stop()
 
     result: dict[str, Any] = {"out": str(out), "steps": step - start_step}
+    if graphed is not None:
+        result["cuda_graph"] = ("captured" if graphed.graph is not None else f"not used: {graphed.failure}"
+                                if graphed.failure else "not captured: the run ended within the eager warmup steps")
+        graphed.close()
     final_model = vla
     if sharded:  # every rank takes part in gathering the full weights; rank 0 writes them
         full, _ = gather_full_state(module)
@@ -677,6 +778,10 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
             write_dataset_statistics(adapter, norm_stats)  # the kind reads a fine-tune's stats next to the adapter
             result["adapter"] = str(adapter)
             if cfg.merge:
+                if cfg.fp8_base:  # merge into the base's own weights, read back from its snapshot (exact)
+                    from .fp8 import restore_frozen_linears
+
+                    restore_frozen_linears(vla, cfg.base)
                 merged = peft_model.merge_and_unload()
                 stats = {**snap.norm_stats, **norm_stats}
                 write_snapshot(out / "merged", merged, stats, cfg.base)
@@ -693,6 +798,16 @@ def train(cfg: TrainConfig, train_set: Examples, val_set: Examples | None, norm_
 
         dist.barrier()
     return result
+
+
+def _record_fp8(config_path: Path, vla) -> None:
+    """train_config.json gets what --fp8-base converted, and which LoRA layers it left in bf16 (and why)."""
+    from .fp8 import FP8FrozenLinear, skipped_fp8_layers
+
+    config = json.loads(config_path.read_text())
+    config["fp8_layers"] = {"converted": sum(isinstance(m, FP8FrozenLinear) for m in vla.modules()),
+                          "skipped (dims not multiples of 16)": skipped_fp8_layers(vla)}
+    config_path.write_text(json.dumps(config, indent=2, default=str) + "\n")
 
 
 class _nullcontext:

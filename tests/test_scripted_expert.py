@@ -549,8 +549,7 @@ def test_the_lift_starts_once_the_fingers_stop_under_decisive_and_after_ten_step
     expert.reset(0, 1)
     expert.act([obs_at([-0.21, 0.0, 1.17], scene)], ["pick"], [0])
     task = expert._episodes[0].tasks[0]
-    task._go("close")
-    task.width_before = 0.005
+    task._go("close")  # entered directly: no finger gap recorded before closing
     taken = 0
     while expert.phase(0) == "close" and taken < 20:
         expert.act([obs_at([-0.1, 0.1, 0.93], scene, width=0.005)], ["pick"], [0])

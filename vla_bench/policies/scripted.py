@@ -510,6 +510,7 @@ class _PickPlace:
         self.failed: set[int] = set()
         self.attempts = 0
         self.grasp = None  # (point in object frame, world finger axis, yaw, candidate index)
+        self.width_before: float | None = None  # the finger gap one step ago, while closing ("decisive")
 
     def _go(self, phase):
         self.phase, self.t = phase, 0
@@ -652,7 +653,8 @@ class _PickPlace:
         if self.phase == "close":
             # "decisive": lift as soon as the fingers stop (closed on something or on nothing), not after a fixed
             # count: frames of a still hand on a gripped object would otherwise show "hold" before "lift"
-            stopped = self.ep.decisive and self.t >= 3 and abs(width - self.width_before) < FINGERS_STOPPED
+            stopped = (self.ep.decisive and self.t >= 3 and self.width_before is not None
+                       and abs(width - self.width_before) < FINGERS_STOPPED)
             self.width_before = width
             if self.t >= 10 or stopped:
                 if width < 0.0025:  # closed on nothing

@@ -27,21 +27,12 @@ from vla_bench.finetune.cuda_graph import (CAUSAL_SDPA, capture_safe_checkpointi
 from vla_bench.finetune.fp8 import FP8FrozenLinear, convert_frozen_linears_to_fp8, quantize_rows
 from vla_bench.finetune.train import (ActionModel, TrainConfig, build_model, count_targets, fixed_text_length,
                                       target_columns)
-from vla_bench.openvla import tiny
 from vla_bench.openvla.normalization import action_stats
 
-from test_finetune_train import STATS, TASKS, TOML, _args, _demos, _losses
+from test_finetune_train import STATS, TASKS, TOML, _args, _losses, files  # noqa: F401 (files: the tiny snapshot
+# and demos the training tests use, as a module fixture here too)
 
 REL = 0.06  # e4m3 keeps 3 mantissa bits: ~3.5% relative error on a random GEMM (both operands quantized)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune_fp8")
-    tok = tiny.build_tokenizer(root / "tok")
-    snap = tiny.write_tiny_snapshot(root / "snap", tok, seed=0)
-    demos = _demos(root / "demos" / "libero_spatial")
-    return root, snap, demos
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -423,17 +423,23 @@ def test_funnel_carry_height_descends_with_the_error_to_just_above_the_floor(a, 
     assert c(carry, floor, a, False) == carry
 
 
-def _approach_on_an_ideal_arm(motion, blocked_above=None):
-    """The expert's approach on the synthetic scene with an arm that goes where it is asked (but never lower than
-    `blocked_above` m over the grasp point, when given: a finger on something): [(phase, horizontal error to the
-    grasp point, height above it)] per step, until the gripper closes."""
+def _planned_pick(motion):
+    """The expert (seed 123) after its first step on the synthetic scene, the hand at its start pose: (scene,
+    expert, hand position, grasp yaw, grasp point)."""
     scene = spatial_scene()
     expert = ScriptedExpert(motion=motion)
     expert.reset(0, 123)
     eef = np.array([-0.21, 0.0, 1.17])
     expert.act([obs_at(eef, scene)], ["pick"], [0])
     local, yaw, _ = expert._episodes[0].tasks[0].grasp
-    grasp_point = scene["pos"][0] + local
+    return scene, expert, eef, yaw, scene["pos"][0] + local
+
+
+def _approach_on_an_ideal_arm(motion, blocked_above=None):
+    """The expert's approach on the synthetic scene with an arm that goes where it is asked (but never lower than
+    `blocked_above` m over the grasp point, when given: a finger on something): [(phase, horizontal error to the
+    grasp point, height above it)] per step, until the gripper closes."""
+    scene, expert, eef, yaw, grasp_point = _planned_pick(motion)
     trace = []
     for _ in range(120):
         a = expert.act([obs_at(eef, scene, yaw=yaw)], ["pick"], [0])[0]
@@ -475,13 +481,7 @@ def _distance_when_the_gripper_closes(motion, follow=0.3):
     """On the synthetic scene with a sluggish arm (it covers `follow` of the asked move per step, as the OSC
     controller roughly does): the hand's distance to the grasp point in the observation on which the expert first
     commands the gripper closed."""
-    scene = spatial_scene()
-    expert = ScriptedExpert(motion=motion)
-    expert.reset(0, 123)
-    eef = np.array([-0.21, 0.0, 1.17])
-    expert.act([obs_at(eef, scene)], ["pick"], [0])
-    local, yaw, _ = expert._episodes[0].tasks[0].grasp
-    grasp_point = scene["pos"][0] + local
+    scene, expert, eef, yaw, grasp_point = _planned_pick(motion)
     for _ in range(300):
         a = expert.act([obs_at(eef, scene, yaw=yaw)], ["pick"], [0])[0]
         if a[6] == scripted.CLOSE:

@@ -52,7 +52,8 @@ import numpy as np
 from .data.libero_hdf5 import append_libero_demo, demo_keys, write_libero_demos
 from .envs.libero import RANDOM_RESET_VERSION
 from .errors import VlaBenchError, choices
-from .protocol import MAX_STEPS, Protocol, reference_protocol
+from .protocol import Protocol, reference_protocol
+from .suites import CLOSED_LOOP, get_suite, suite_names
 
 #: LIBERO's camera names -> the obs keys robosuite renders them to and the HDF5 names LIBERO stores them under
 CAMERAS = (("agentview", "agentview_image", "agentview_rgb"),
@@ -311,8 +312,7 @@ def collect(suite: str, tasks: Sequence[int], n_demos: int, out_dir: str | os.Pa
     `action_noise`: sigma of the noise added to the executed arm actions (module docstring; 0: none)."""
     from .envs.tasks import suite_tasks
 
-    if suite not in MAX_STEPS:
-        raise VlaBenchError(f"unknown suite {suite!r}; valid suites: {choices(MAX_STEPS)}")
+    get_suite(suite, CLOSED_LOOP)
     if n_demos < 1:
         raise VlaBenchError(f"--demos must be at least 1, got {n_demos}")
     if not 0.0 <= action_noise <= 1.0:
@@ -486,7 +486,7 @@ def _build_expert(suite: str, name: str, checkpoints_file):
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
 def add_collect_arguments(parser) -> None:
-    parser.add_argument("--suite", default="libero_spatial", help=f"LIBERO suite ({choices(MAX_STEPS)})")
+    parser.add_argument("--suite", default="libero_spatial", help=f"LIBERO suite ({choices(suite_names(CLOSED_LOOP))})")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="task numbers as in the test ids, 1-based: '1 2' or 'task1 task2' (default: all)")
     parser.add_argument("--demos", type=int, default=50, help="successful demos per task (default 50)")
@@ -514,9 +514,7 @@ def run_collect(args) -> int:
 
     from .envs.tasks import parse_task_id, suite_tasks
 
-    suite = args.suite
-    if suite not in MAX_STEPS:
-        raise VlaBenchError(f"unknown suite {suite!r}; valid suites: {choices(MAX_STEPS)}")
+    suite = get_suite(args.suite, CLOSED_LOOP).name
     tasks = ([parse_task_id(suite, str(t)) for t in args.tasks] if args.tasks
              else list(range(len(suite_tasks(suite)))))
     console = Console(stderr=True)

@@ -178,6 +178,9 @@ def _parametrize_proxy(metafunc: pytest.Metafunc) -> None:
 
     suite = getattr(metafunc.module, "SUITE", None)
     try:
+        from .suites import OPEN_LOOP, get_suite
+
+        get_suite(suite, OPEN_LOOP)
         names = metafunc.config.stash[_STATE].checkpoint_names(suite)
     except VlaBenchError as e:
         raise _usage_error(e) from None

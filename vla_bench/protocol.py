@@ -3,6 +3,7 @@
 The default preset is OpenVLA's LIBERO reference protocol (run_libero_eval.py): 50 episodes per task on LIBERO's
 fixed init states (episode i uses init state i), 10 wait steps with the open-gripper no-op, per-suite max steps
 (the longest training demo plus margin), 256x256 cameras, env seed 0, global seed 7, success = the env's done flag.
+The per-suite numbers live in the suite's record (vla_bench/suites.py); the seeds and the episode count here.
 Every result row stores `Protocol.as_dict()`, and `Protocol.key()` is part of the resume identity.
 """
 from __future__ import annotations
@@ -11,18 +12,11 @@ import dataclasses
 import hashlib
 import json
 
-from .errors import VlaBenchError, choices
+from .errors import VlaBenchError
+from .suites import CLOSED_LOOP, SUITES, get_suite
 
-#: suite name -> max control steps after the wait steps (OpenVLA run_libero_eval.py; longest demo in brackets:
-#: spatial 193, object 254, goal 270, 10 505, 90 373)
-MAX_STEPS = {
-    "libero_spatial": 220,
-    "libero_object": 280,
-    "libero_goal": 300,
-    "libero_10": 520,
-    "libero_90": 400,
-}
-LIBERO_SUITES = tuple(MAX_STEPS)
+#: closed-loop suite name -> max control steps after the wait steps (a view of the suites registry, which holds them)
+MAX_STEPS = {name: s.max_steps for name, s in SUITES.items() if s.kind == CLOSED_LOOP}
 
 #: the action stepped during the wait steps while objects settle: no motion, gripper open (-1 = open in LIBERO)
 WAIT_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -57,8 +51,7 @@ class Protocol:
 
 def reference_protocol(suite: str, episodes: int | None = None, max_steps: int | None = None) -> Protocol:
     """OpenVLA's reference protocol for `suite`, with the user's --episodes / --max-steps overrides."""
-    if suite not in MAX_STEPS:
-        raise VlaBenchError(f"unknown suite {suite!r}; valid suites: {choices(LIBERO_SUITES)}")
+    record = get_suite(suite, CLOSED_LOOP)
     if episodes is not None and episodes < 1:
         raise VlaBenchError(f"--episodes must be at least 1, got {episodes}")
     if max_steps is not None and max_steps < 1:
@@ -66,5 +59,7 @@ def reference_protocol(suite: str, episodes: int | None = None, max_steps: int |
     return Protocol(
         suite=suite,
         episodes=50 if episodes is None else episodes,
-        max_steps=MAX_STEPS[suite] if max_steps is None else max_steps,
+        max_steps=record.max_steps if max_steps is None else max_steps,
+        wait_steps=record.wait_steps,
+        camera_size=record.camera_size,
     )

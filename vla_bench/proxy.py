@@ -30,8 +30,9 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .data.bridge import BRIDGE_ACTION_STATS, BRIDGE_GRIPPER_CONVENTION, DEFAULT_GROUND_TRUTH, bridge_episodes
-from .data.libero_hdf5 import LIBERO_GRIPPER_CONVENTION, libero_episodes
+from .data.bridge import BRIDGE_ACTION_STATS, DEFAULT_GROUND_TRUTH, bridge_episodes
+from .data.libero_hdf5 import libero_episodes
+from .gripper import OPEN_IS_1, OPEN_IS_MINUS_1
 from .errors import VlaBenchError, choices
 from .metrics import proxy as m
 from .policies.replay import GROUND_TRUTH_KEY
@@ -130,7 +131,7 @@ def bridge_action_space() -> ActionSpace:
     """Bridge with OpenVLA's bridge_orig statistics; dead zone max(|(q01+q99)/2|, 2 bins) per dim."""
     s = BRIDGE_ACTION_STATS
     return ActionSpace("bridge", s["q01"], s["q99"], s["mask"], m.dead_zone_from_stats(s["q01"], s["q99"]),
-                       BRIDGE_GRIPPER_CONVENTION, BRIDGE_GRIPPER_CONVENTION, ("m",) * 3 + ("rad",) * 3 + ("open=1",))
+                       OPEN_IS_1, OPEN_IS_1, ("m",) * 3 + ("rad",) * 3 + ("open=1",))
 
 
 def libero_action_space(gt_actions: np.ndarray) -> ActionSpace:
@@ -140,8 +141,8 @@ def libero_action_space(gt_actions: np.ndarray) -> ActionSpace:
     q01, q99 = np.quantile(actions, 0.01, axis=0), np.quantile(actions, 0.99, axis=0)
     q01[6], q99[6] = -1.0, 1.0
     mask = np.array([True] * 6 + [False])
-    return ActionSpace("libero", q01, q99, mask, m.dead_zone_from_stats(q01, q99), LIBERO_GRIPPER_CONVENTION,
-                       LIBERO_GRIPPER_CONVENTION, ("osc",) * 6 + ("open=-1",))
+    return ActionSpace("libero", q01, q99, mask, m.dead_zone_from_stats(q01, q99), OPEN_IS_MINUS_1,
+                       OPEN_IS_MINUS_1, ("osc",) * 6 + ("open=-1",))
 
 
 @dataclasses.dataclass(frozen=True)

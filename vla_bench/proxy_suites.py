@@ -10,27 +10,26 @@ import json
 import time
 from pathlib import Path
 
-from .errors import VlaBenchError, choices
+from .errors import VlaBenchError
 from .proxy import OpenLoopResult, OpenLoopSource, bridge_source, libero_source
-
-PROXY_SUITES = ("bridge_v2", "libero_demos")
+from .suites import OPEN_LOOP, get_suite
 
 
 def open_loop_source(suite: str, dataset: dict) -> OpenLoopSource:
+    """The episodes of an open-loop suite, read by its record's data source from the [datasets.SUITE] table."""
+    data_source = get_suite(suite, OPEN_LOOP).data_source
     path = Path(dataset["path"])
     if not path.exists():
         raise VlaBenchError(f"dataset of {suite} not found at {path}: set [datasets.{suite}] path in "
                             f"checkpoints.toml or pass --vla-data {suite}=PATH")
     max_episodes = dataset.get("max_episodes")
-    if suite == "bridge_v2":
+    if data_source == "bridge_rlds":
         return bridge_source(path, dataset.get("split", "val"), ground_truth=dataset.get("ground_truth", "openvla"),
                              max_episodes=max_episodes)
-    if suite == "libero_demos":
-        files = sorted(path.glob("*.hdf5")) if path.is_dir() else [path]
-        if not files:
-            raise VlaBenchError(f"{path}: no *.hdf5 demonstration files (vla-bench collect writes them)")
-        return libero_source(files, max_episodes=max_episodes)
-    raise VlaBenchError(f"unknown open-loop suite {suite!r}; valid: {choices(PROXY_SUITES)}")
+    files = sorted(path.glob("*.hdf5")) if path.is_dir() else [path]  # "libero_hdf5"
+    if not files:
+        raise VlaBenchError(f"{path}: no *.hdf5 demonstration files (vla-bench collect writes them)")
+    return libero_source(files, max_episodes=max_episodes)
 
 
 PROXY_SCHEMA = """

@@ -28,9 +28,6 @@ import numpy as np
 
 from ..errors import VlaBenchError
 
-#: LIBERO's gripper convention in actions: -1 = open, +1 = close
-LIBERO_GRIPPER_CONVENTION = "open_is_minus_1"
-
 _DEMO = re.compile(r"^demo_(\d+)$")
 
 

@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from ..errors import VlaBenchError, choices
-from ..protocol import LIBERO_SUITES
+from ..errors import VlaBenchError
+from ..suites import CLOSED_LOOP, get_suite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +50,12 @@ def parse_task_id(suite: str, text: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _benchmark(suite: str):
-    if suite not in LIBERO_SUITES:
-        raise VlaBenchError(f"unknown suite {suite!r}; valid suites: {choices(LIBERO_SUITES)}")
+    source = get_suite(suite, CLOSED_LOOP).task_source
     from libero.libero import benchmark
 
     # LIBERO prints an "[info] Applying task order ..." line on construction: keep it out of pytest's output.
     with contextlib.redirect_stdout(io.StringIO()):
-        return benchmark.get_benchmark_dict()[suite]()
+        return benchmark.get_benchmark_dict()[source]()
 
 
 @functools.lru_cache(maxsize=None)

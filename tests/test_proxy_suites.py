@@ -1,5 +1,4 @@
 """suites/bridge_v2 as a user runs it, on the real debug shard: the controls' verdicts and the stored figures."""
-import sqlite3
 
 import pytest
 
@@ -21,12 +20,13 @@ def test_replay_passes_every_check_and_noop_fails_every_check(tmp_path):
     metrics = {"sign_accuracy", "correlation", "gripper_accuracy", "diversity", "success_proxy_rate"}
     assert outcomes(result.stdout, "PASSED") == {f"{m}-replay" for m in metrics}, result.stdout[-3000:]
     assert outcomes(result.stdout, "FAILED") == {f"{m}-noop" for m in metrics}
-    from vla_bench.proxy_suites import load_figures
+    from vla_bench.results import ResultsStore
 
-    with sqlite3.connect(db) as c:
-        rows = {m: f["episodes"] for m, f in load_figures(c, "replay", "bridge_v2").items()}
-        noop = load_figures(c, "noop", "bridge_v2")
-        assert load_figures(c, "replay", "libero_demos") == {}
+    store = ResultsStore(db)
+    rows = {m: f["episodes"] for m, f in store.proxy_figures("replay", "bridge_v2").items()}
+    noop = store.proxy_figures("noop", "bridge_v2")
+    assert store.proxy_figures("replay", "libero_demos") == {}
+    store.close()
     assert metrics <= set(rows) and set(rows.values()) == {25}
     assert set(noop) == set(rows) and all(f["episodes"] == 25 and f["frames"] > 0 for f in noop.values())
 

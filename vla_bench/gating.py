@@ -14,6 +14,7 @@ from .metrics.gate import (FAIL, INCONCLUSIVE, SequentialDesign, TaskOutcomes, c
                            parse_fail_spec, sequential_gate, threshold_curtailment)
 from .protocol import Protocol
 from .results import EpisodeRecord
+from .thresholds import Threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ def sequential_result(baseline: TaskOutcomes, outcomes: Mapping[int, bool], sett
     return sequential_gate(baseline, TaskOutcomes(baseline.task, prefix), design, strict=settings.strict)
 
 
-def stop_rule(planned: range, threshold=None, baseline: TaskOutcomes | None = None,
+def stop_rule(planned: range, threshold: Threshold | None = None, baseline: TaskOutcomes | None = None,
               settings: GateSettings | None = None, curtail: bool = True) -> Callable[[dict[int, bool]], bool]:
     """When a task may stop early: with `curtail`, once neither the threshold verdict (a number threshold) nor the
     gate verdict can change, whatever the remaining episodes give (exact: it never changes a verdict); with a
@@ -85,9 +86,9 @@ def stop_rule(planned: range, threshold=None, baseline: TaskOutcomes | None = No
 
     def determined(outcomes: dict[int, bool]) -> bool:
         if curtail:
-            if isinstance(threshold, (int, float)):
+            if threshold is not None and threshold.is_minimum:
                 if not threshold_curtailment(sum(outcomes.values()), len(outcomes), len(planned),
-                                             threshold).determined:
+                                             threshold.minimum).determined:
                     return False
             elif threshold is not None:
                 return False  # a [low, high] range: no curtailment rule, run everything

@@ -174,7 +174,7 @@ class ProxyCase:
 
 
 def _parametrize_proxy(metafunc: pytest.Metafunc) -> None:
-    from .proxy import GATED_METRICS
+    from .open_loop import GATED_METRICS
 
     suite = getattr(metafunc.module, "SUITE", None)
     try:
@@ -317,7 +317,8 @@ class LiberoTaskRunner:
         low, high = result.interval
         props = {"successes": result.successes, "episodes": result.episodes, "errors": result.errors,
                  "rate": round(result.rate, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
-                 "threshold": result.threshold, "episodes_saved": result.saved}
+                 "threshold": None if result.threshold is None else result.threshold.as_plain(),
+                 "episodes_saved": result.saved}
         if result.gate is not None:
             g = result.gate
             props.update({f"gate_{k}": getattr(g, k) for k in ("verdict", "baseline_rate", "candidate_rate",
@@ -337,11 +338,11 @@ class LiberoTaskRunner:
 
     @staticmethod
     def describe(result) -> str:
-        from .report import format_threshold
+        from .thresholds import describe as describe_threshold
 
         low, high = result.interval
         return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
-                f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {format_threshold(result.threshold)}"
+                f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {describe_threshold(result.threshold)}"
                 + (f", {result.errors} episode(s) hit simulator errors" if result.errors else ""))
 
 

@@ -14,7 +14,8 @@ Layout of checkpoints.toml:
     [checkpoints.expert.thresholds.libero_spatial]
     default = 0.95                           # overrides the suite-wide threshold for this checkpoint
 
-A threshold is a number (the measured figure must be >= it) or a [low, high] pair (it must lie inside).
+A threshold is a number (the measured figure must be >= it) or a [low, high] pair (it must lie inside); both are
+read into the one Threshold type (vla_bench/thresholds.py).
 Lookup order for (checkpoint, suite, case): checkpoint's case, checkpoint's suite default, file's case, file's
 suite default, then the library default for that suite (proxy metrics), else an error naming what to add.
 """
@@ -29,8 +30,7 @@ import tomlkit
 
 from .errors import VlaBenchError, choices
 from .policies.kinds import COMMON_KEYS, family_module
-
-Threshold = float | tuple[float, float]
+from .thresholds import Threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Registry:
         for table in (spec.thresholds.get(suite, {}), self.suite_thresholds.get(suite, {})):
             for key in (case, "default"):
                 if key in table:
-                    return _as_threshold(table[key])
+                    return Threshold.success_rate(table[key])
         if library_default is not None:
             return library_default
         raise VlaBenchError(f"{self.path}: no threshold for {suite} {case}: add [thresholds.{suite}] default = ... "
@@ -193,12 +193,6 @@ def default_path(start: Path | None = None) -> Path:
             return folder / "checkpoints.toml"
     raise VlaBenchError(f"no checkpoints.toml in {start} or its parents; pass --checkpoints-file PATH "
                         "or set VLA_BENCH_CHECKPOINTS")
-
-
-def _as_threshold(value: Any) -> Threshold:
-    if isinstance(value, list):
-        return (float(value[0]), float(value[1]))
-    return float(value)
 
 
 def _check_threshold_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:

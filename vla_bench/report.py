@@ -8,14 +8,7 @@ from rich.table import Table
 
 from .evaluate import TaskResult, summarize
 from .results import EpisodeRecord
-
-
-def format_threshold(threshold) -> str:
-    if threshold is None:
-        return "-"
-    if isinstance(threshold, tuple):
-        return f"[{threshold[0]:.0%}, {threshold[1]:.0%}]"
-    return f">= {threshold:.0%}"
+from .thresholds import describe as describe_threshold
 
 
 def verdict_text(passed: bool | None) -> str:
@@ -32,7 +25,7 @@ def task_table(results: Iterable[TaskResult], title: str = "vla-bench: closed-lo
     for r in results:
         low, high = r.interval
         table.add_row(r.suite, r.task_id, r.checkpoint, f"{r.successes}/{r.episodes}", f"{r.rate:.1%}",
-                      f"[{low:.1%}, {high:.1%}]", format_threshold(r.threshold), verdict_text(r.passed),
+                      f"[{low:.1%}, {high:.1%}]", describe_threshold(r.threshold), verdict_text(r.passed),
                       "-" if r.mean_steps is None else f"{r.mean_steps:.1f}", str(r.errors),
                       f"{r.wall_s:.0f} s" + (f" ({r.resumed} resumed)" if r.resumed else ""))
     return table
@@ -51,7 +44,7 @@ def proxy_table(results: dict, title: str = "vla-bench: open-loop proxy metrics"
             low, high = f.interval
             verdict = verdict_text(f.passed) + (" [yellow](!)[/]" if f.warning else "")
             table.add_row(suite, checkpoint, f.name, f"{f.value:.3f}", f"[{low:.3f}, {high:.3f}]",
-                          "-" if f.threshold is None else f.threshold.describe(), verdict, str(f.n_episodes),
+                          describe_threshold(f.threshold), verdict, str(f.n_episodes),
                           str(f.n_frames), "-" if f.reference is None else f"{f.reference:.3f}")
     return table
 

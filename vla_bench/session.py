@@ -127,9 +127,7 @@ class EvalSession:
         """Predict and score a whole open-loop dataset once per (checkpoint, suite); every metric test reads it."""
         key = (spec.name, suite)
         if key not in self.proxy_results:
-            from .proxy import evaluate_open_loop, resolve_thresholds
-            from .proxy_suites import open_loop_source, store_figures
-            from .results import library_versions
+            from .open_loop import evaluate_open_loop, open_loop_source, resolve_thresholds
 
             if suite in self.data_overrides:  # --vla-data: the path changes, the table's other keys stay
                 dataset = {**self.registry.datasets.get(suite, {}), "path": self.data_overrides[suite]}
@@ -138,6 +136,6 @@ class EvalSession:
             overrides = {**self.registry.suite_thresholds.get(suite, {}), **spec.thresholds.get(suite, {})}
             result = evaluate_open_loop(self.policy(spec, suite), open_loop_source(suite, dataset),
                                         thresholds=resolve_thresholds(overrides))
-            store_figures(self.store.db, spec.name, self.identity(spec), suite, result, library_versions())
+            self.store.add_proxy_figures(spec.name, self.identity(spec), suite, result, library_versions())
             self.proxy_results[key] = result
         return self.proxy_results[key]

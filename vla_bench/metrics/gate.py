@@ -56,6 +56,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import special, stats
 
+from ..thresholds import Threshold
 from ..errors import VlaBenchError
 from .intervals import newcombe_difference_interval, paired_difference_interval
 
@@ -663,8 +664,9 @@ class Curtailment:
 
 
 def meets_threshold(successes: int, episodes: int, threshold: float) -> bool:
-    """The suite's pass rule for a threshold test: the point estimate successes / episodes >= threshold."""
-    return episodes > 0 and successes / episodes >= threshold
+    """The suite's pass rule for a threshold test: the point estimate successes / episodes meets the minimum
+    (Threshold.passes, the one home of that rule)."""
+    return episodes > 0 and Threshold(minimum=threshold).passes(successes / episodes)
 
 
 def threshold_curtailment(successes: int, done: int, planned: int, threshold: float) -> Curtailment:

@@ -100,8 +100,8 @@ def test_real_rollouts_expert_against_itself_passes_and_against_a_30_point_degra
 
 
 def _sequential_case(candidate_success: bool):
-    from vla_bench.gating import GateSettings, gate_task, stop_rule
-    from vla_bench.metrics.gate import TaskOutcomes
+    from vla_bench.gate import GateSettings, gate_task, stop_rule
+    from vla_bench.metrics.verdicts import TaskOutcomes
 
     protocol = reference_protocol("libero_spatial")
     run = make_baseline("b", suite="libero_spatial", protocol=protocol.as_dict(), protocol_key=protocol.key(),
@@ -135,7 +135,7 @@ def test_sequential_gate_stops_for_futility_when_the_candidate_is_not_behind():
 
 def test_sequential_gate_refuses_a_margin():
     from vla_bench.errors import VlaBenchError
-    from vla_bench.gating import GateSettings
+    from vla_bench.gate import GateSettings
 
     with pytest.raises(VlaBenchError, match="--vla-sequential tests for any drop"):
         GateSettings.from_options(0.05, "drop:5pp", False, looks=5)

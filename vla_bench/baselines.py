@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import VlaBenchError, choices
-from .metrics.gate import TaskOutcomes
+from .metrics.verdicts import TaskOutcomes
 
 FORMAT_VERSION = 1
 DEFAULT_FOLDER = "baselines"

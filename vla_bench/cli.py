@@ -56,8 +56,8 @@ def report(args) -> int:
 @command("gate", "gate a stored candidate run against a stored baseline run, without re-running anything")
 def gate(args) -> int:
     from .baselines import load_baseline, task_pairs
-    from .gating import GateSettings
-    from .metrics.gate import compare_suite
+    from .gate import GateSettings
+    from .metrics.verdicts import compare_suite
     from .report import gate_table, print_table
 
     baseline = load_baseline(args.baseline, args.baselines)

@@ -103,7 +103,7 @@ class _State:
     def session(self):
         if self._session is None:
             from .evaluate import EvalSettings, default_workers
-            from .gating import GateSettings
+            from .gate import GateSettings
             from .results import ResultsStore
             from .session import EvalSession
 

@@ -13,8 +13,8 @@ from .baselines import BaselineRun, load_baseline, save_baseline, task_pairs
 from .envs.tasks import suite_tasks
 from .errors import VlaBenchError
 from .evaluate import EvalSettings, TaskResult, evaluate_task
-from .gating import GateSettings, check_protocol_matches, gate_task, run_from_records, stop_rule
-from .metrics.gate import compare_suite
+from .gate import GateSettings, check_protocol_matches, gate_task, run_from_records, stop_rule
+from .metrics.verdicts import compare_suite
 from .policies import BuildContext, ModelCache, Policy, build_policy
 from .protocol import Protocol, reference_protocol
 from .registry import CheckpointSpec, Registry

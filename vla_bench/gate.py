@@ -1,7 +1,8 @@
-"""Regression gating of closed-loop runs: stored episodes -> baseline runs, gate settings, curtailment rules.
+"""The regression gate of closed-loop runs: stored episodes -> baseline runs, gate settings, stop rules, verdicts.
 
-The statistics live in metrics/gate.py and the JSON files in baselines.py; this module connects them to the
-results store and to one evaluation, for both the pytest plugin and `vla-bench gate`.
+The statistics live in vla_bench/metrics/ (verdicts, exact tests, curtailment, sequential design) and the JSON files
+in baselines.py; this module connects them to the results store and to one evaluation, for both the pytest plugin
+and `vla-bench gate`.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Callable, Mapping
 
 from .baselines import BaselineRun, check_comparable, make_baseline
 from .errors import VlaBenchError
-from .metrics.gate import (FAIL, INCONCLUSIVE, SequentialDesign, TaskOutcomes, compare_task, gate_curtailment,
-                           parse_fail_spec, sequential_gate, threshold_curtailment)
+from .metrics.curtailment import gate_curtailment, threshold_curtailment
+from .metrics.exact_tests import DEFAULT_ALPHA
+from .metrics.sequential import SequentialDesign, sequential_gate
+from .metrics.verdicts import FAIL, INCONCLUSIVE, TaskOutcomes, compare_task, parse_fail_spec
 from .protocol import Protocol
 from .results import EpisodeRecord
 from .thresholds import Threshold
@@ -19,7 +22,7 @@ from .thresholds import Threshold
 
 @dataclasses.dataclass(frozen=True)
 class GateSettings:
-    alpha: float = 0.05
+    alpha: float = DEFAULT_ALPHA
     margin: float = 0.0  # a drop up to this (fraction) is tolerated: --vla-compare-fail=drop:5pp
     strict: bool = False  # inconclusive counts as failure (non-inferiority mode)
     looks: int = 0  # > 0: the group-sequential gate with this many equally spaced looks (--vla-sequential)

@@ -13,9 +13,10 @@ from typing import Sequence
 import numpy as np
 
 from vla_bench.metrics.curtailment import gate_curtailment, threshold_curtailment
-from vla_bench.metrics.exact_tests import DEFAULT_ALPHA, mcnemar_exact_pvalue
+from vla_bench.metrics.exact_tests import mcnemar_exact_pvalue
 from vla_bench.metrics.sequential import SequentialDesign, sequential_decision
 from vla_bench.metrics.verdicts import TaskOutcomes
+from vla_bench.options import DEFAULT_ALPHA
 
 
 def simulate_pairs(rng: np.random.Generator, replicates: int, episodes: int, baseline_rate: float,

@@ -12,9 +12,9 @@ from typing import Callable, Mapping
 from .baselines import BaselineRun, check_comparable, make_baseline
 from .errors import VlaBenchError
 from .metrics.curtailment import gate_curtailment, threshold_curtailment
-from .metrics.exact_tests import DEFAULT_ALPHA
 from .metrics.sequential import SequentialDesign, sequential_gate
 from .metrics.verdicts import FAIL, INCONCLUSIVE, TaskOutcomes, compare_task, parse_fail_spec
+from .options import DEFAULT_ALPHA
 from .protocol import Protocol
 from .results import EpisodeRecord
 from .thresholds import Threshold

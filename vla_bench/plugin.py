@@ -1,19 +1,19 @@
 """pytest glue: options, parametrization, fixtures, -k task selection, live progress, terminal summary.
 
-No evaluation logic lives here: everything is a call into vla_bench.session / evaluate / report, which the CLI
-uses too. A suite module declares `SUITE = "libero_spatial"` and a test taking the `libero_task` fixture; this
+No evaluation logic lives here: the options are declared in vla_bench/options.py, and everything else is a call
+into vla_bench.session / report, which `vla-bench run` uses too. A suite module declares `SUITE = "libero_spatial"` and a test taking the `libero_task` fixture; this
 plugin turns it into one test case per (task, checkpoint) with ids like `task1-expert`.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 
 from .errors import VlaBenchError
-from .video import VIDEO_FORMATS, VIDEO_MODES, require_video_writer
+from .options import OptionValues, add_checkpoints_file_option, add_evaluation_options
+from .video import require_video_writer
 
 _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
 _IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier characters
@@ -27,35 +27,8 @@ def pytest_addhooks(pluginmanager) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vla-bench", "vla-bench: robot policy evaluation")
-    group.addoption("--checkpoint", action="append", default=None, metavar="NAME",
-                    help="checkpoints.toml entry to evaluate (repeatable; default: the file's `default`)")
-    group.addoption("--checkpoints-file", default=None, metavar="PATH",
-                    help="checkpoints.toml to use (default: the nearest one in the working directory or above)")
-    group.addoption("--episodes", type=int, default=None, help="episodes per task (protocol default: 50)")
-    group.addoption("--max-steps", type=int, default=None, help="control steps per episode (default: per suite)")
-    group.addoption("--vla-results", default="results/vla-bench.sqlite", metavar="PATH",
-                    help="SQLite results store; finished episodes in it are not re-run")
-    group.addoption("--vla-workers", type=int, default=None, metavar="N",
-                    help="simulator processes per task (default: the CPU count)")
-    group.addoption("--vla-data", action="append", default=[], metavar="SUITE=PATH",
-                    help="dataset of an open-loop suite (bridge_v2, libero_demos), overriding checkpoints.toml")
-    group.addoption("--vla-save", default=None, metavar="NAME",
-                    help="store this run's per-episode outcomes as baselines/NAME.json (commit it to gate against)")
-    group.addoption("--vla-compare", nargs="?", const="@entry", default=None, metavar="NAME",
-                    help="gate every checkpoint against baseline NAME (no NAME: each entry's `baseline` key)")
-    group.addoption("--vla-compare-fail", default=None, metavar="drop:5pp",
-                    help="non-inferiority margin: fail only on a drop beyond it (default: any significant drop)")
-    group.addoption("--vla-strict", action="store_true", help="an inconclusive gate fails too")
-    group.addoption("--vla-alpha", type=float, default=0.05, help="the gate's significance level (default 0.05)")
-    group.addoption("--vla-curtail", action="store_true",
-                    help="stop a task's episodes once no remaining outcome can change its verdict (exact)")
-    group.addoption("--vla-sequential", type=int, default=0, metavar="LOOKS",
-                    help="group-sequential gate with LOOKS equally spaced looks: stops a task once a look decides")
-    group.addoption("--vla-baselines", default="baselines", metavar="DIR", help="baselines folder (default baselines/)")
-    group.addoption("--video", choices=VIDEO_MODES, default="none", help="write a video per episode")
-    group.addoption("--video-format", choices=tuple(VIDEO_FORMATS), default="mp4",
-                    help="mp4 (needs imageio-ffmpeg) or sheet: one PNG of every 6th frame (0.3 s apart) and the last")
-    group.addoption("--video-dir", default="videos", metavar="DIR", help="where videos go (default: videos/)")
+    add_checkpoints_file_option(group.addoption)
+    add_evaluation_options(group.addoption, prefix="vla-")  # `vla-bench run` declares the same, unprefixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,37 +66,17 @@ class _State:
 
     def checkpoint_names(self, suite: str | None = None) -> list[str]:
         """--checkpoint names, else the suite's own defaults ([datasets.SUITE] checkpoints), else `default`."""
-        suite_defaults = self.registry.datasets.get(suite, {}).get("checkpoints") if suite else None
-        names = self.config.getoption("--checkpoint") or suite_defaults or [self.registry.default]
-        for name in names:
-            self.registry.get(name)  # an unknown name raises an error listing the valid ones
-        return names
+        return self.registry.checkpoint_names(self.config.getoption("--checkpoint"), suite)
 
     @property
     def session(self):
         if self._session is None:
-            from .evaluate import EvalSettings, default_workers
-            from .gate import GateSettings
-            from .results import ResultsStore
-            from .session import EvalSession
+            from .session import session_from_options
 
-            opt = self.config.getoption
-            settings = EvalSettings(workers=opt("--vla-workers") or default_workers(), video=opt("--video"),
-                                    video_dir=Path(opt("--video-dir")), video_format=opt("--video-format"))
-            store = ResultsStore(Path(opt("--vla-results")))
             try:
-                gate = GateSettings.from_options(opt("--vla-alpha"), opt("--vla-compare-fail"), opt("--vla-strict"),
-                                                 opt("--vla-sequential"))
+                self._session = session_from_options(self.registry, OptionValues(self.config.getoption, "vla-"))
             except VlaBenchError as e:
                 raise _usage_error(e) from None
-            self._session = EvalSession(self.registry, store, settings, opt("--episodes"), opt("--max-steps"),
-                                        compare=opt("--vla-compare"), gate=gate, curtail=opt("--vla-curtail"),
-                                        baselines_dir=Path(opt("--vla-baselines")))
-            for item in opt("--vla-data"):
-                suite, sep, path = item.partition("=")
-                if not sep:
-                    raise pytest.UsageError(f"--vla-data {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
-                self._session.data_overrides[suite] = path
         return self._session
 
 
@@ -205,9 +158,9 @@ class ProxyMetricRunner:
         return result.figures[self.case.metric]
 
     def describe(self, figure) -> str:
-        low, high = figure.interval
-        return (f"{self.case.suite} {self.case.checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI "
-                f"{low:.3f}-{high:.3f}, {figure.n_episodes} episodes), threshold {figure.threshold.describe()}")
+        from .report import describe_figure
+
+        return describe_figure(self.case.suite, self.case.checkpoint, figure)
 
 
 @pytest.fixture
@@ -331,19 +284,15 @@ class LiberoTaskRunner:
 
     @staticmethod
     def describe_gate(result) -> str:
-        g = result.gate
-        return (f"{result.suite} {result.task_id} {result.checkpoint}: gate {g.verdict.upper()}: "
-                f"{g.candidate_rate:.1%} vs baseline {g.baseline_rate:.1%}, difference {g.difference:+.1%} "
-                f"(95% CI {g.difference_low:+.1%} to {g.difference_high:+.1%}), p = {g.pvalue:.4f} ({g.test})")
+        from .report import describe_gate
+
+        return describe_gate(result)
 
     @staticmethod
     def describe(result) -> str:
-        from .thresholds import describe as describe_threshold
+        from .report import describe_task
 
-        low, high = result.interval
-        return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
-                f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {describe_threshold(result.threshold)}"
-                + (f", {result.errors} episode(s) hit simulator errors" if result.errors else ""))
+        return describe_task(result)
 
 
 @pytest.fixture

@@ -133,6 +133,15 @@ class Registry:
             raise VlaBenchError(f"unknown checkpoint {name!r} in {self.path}; valid: {choices(self.checkpoints)}")
         return self.checkpoints[name]
 
+    def checkpoint_names(self, requested: list[str] | None, suite: str | None = None) -> list[str]:
+        """The entries to evaluate: the --checkpoint names, else the suite's own defaults ([datasets.SUITE]
+        checkpoints), else `default`; an unknown name raises an error listing the valid ones."""
+        suite_defaults = self.datasets.get(suite, {}).get("checkpoints") if suite else None
+        names = list(requested or suite_defaults or [self.default])
+        for name in names:
+            self.get(name)
+        return names
+
     def threshold(self, spec: CheckpointSpec, suite: str, case: str,
                   library_default: Threshold | None = None) -> Threshold:
         for table in (spec.thresholds.get(suite, {}), self.suite_thresholds.get(suite, {})):

@@ -49,6 +49,28 @@ def proxy_table(results: dict, title: str = "vla-bench: open-loop proxy metrics"
     return table
 
 
+def describe_task(result: TaskResult) -> str:
+    """One task's figure as a sentence (the assertion message of a suite test, a line of `vla-bench run`)."""
+    low, high = result.interval
+    return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
+            f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {describe_threshold(result.threshold)}"
+            + (f", {result.errors} episode(s) hit simulator errors" if result.errors else ""))
+
+
+def describe_gate(result: TaskResult) -> str:
+    g = result.gate
+    return (f"{result.suite} {result.task_id} {result.checkpoint}: gate {g.verdict.upper()}: "
+            f"{g.candidate_rate:.1%} vs baseline {g.baseline_rate:.1%}, difference {g.difference:+.1%} "
+            f"(95% CI {g.difference_low:+.1%} to {g.difference_high:+.1%}), p = {g.pvalue:.4f} ({g.test})")
+
+
+def describe_figure(suite: str, checkpoint: str, figure) -> str:
+    """One open-loop proxy figure as a sentence."""
+    low, high = figure.interval
+    return (f"{suite} {checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI {low:.3f}-{high:.3f}, "
+            f"{figure.n_episodes} episodes), threshold {describe_threshold(figure.threshold)}")
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 

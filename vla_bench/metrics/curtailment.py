@@ -13,8 +13,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..options import DEFAULT_ALPHA
 from ..thresholds import Threshold
-from .exact_tests import DEFAULT_ALPHA
 from .verdicts import (_CODES, FAIL, PASS, PairedCounts, TaskOutcomes, _paired_task_figures, _unpaired_task_figures,
                        can_pair, paired_counts, verdict_codes)
 

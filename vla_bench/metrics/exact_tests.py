@@ -27,7 +27,6 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import special, stats
 
-DEFAULT_ALPHA = 0.05  # the gate's significance level unless --vla-alpha / --alpha says otherwise
 
 #: nuisance-parameter grid points for the exact unconditional tests; scipy's boschloo_exact uses 32 Sobol points
 #: plus a local optimizer, a dense grid is as accurate here and vectorizes over every table at once.

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 from scipy import stats
 
-from .exact_tests import (DEFAULT_ALPHA, _paired_sample_space, _trinomial_pmf, farrington_manning_statistic,
+from ..options import DEFAULT_ALPHA
+from .exact_tests import (_paired_sample_space, _trinomial_pmf, farrington_manning_statistic,
                           mcnemar_exact_pvalue, paired_margin_pvalue_table, tango_statistic, unpaired_pvalue_table)
 
 DEFAULT_POWER = 0.8

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import stats
 
 from ..errors import VlaBenchError
-from .exact_tests import DEFAULT_ALPHA
+from ..options import DEFAULT_ALPHA
 from .intervals import paired_difference_interval
 from .verdicts import _CODES, FAIL, TaskOutcomes, paired_counts, verdict_codes
 

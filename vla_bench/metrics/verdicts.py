@@ -31,7 +31,8 @@ import numpy as np
 from scipy import stats
 
 from ..errors import VlaBenchError
-from .exact_tests import (DEFAULT_ALPHA, _restricted_candidate_rate, _safe_ratio, cochran_mantel_haenszel, holm_adjust,
+from ..options import DEFAULT_ALPHA
+from .exact_tests import (_restricted_candidate_rate, _safe_ratio, cochran_mantel_haenszel, holm_adjust,
                           mcnemar_exact_pvalue, paired_pvalues, tango_constrained_rate, unpaired_pvalues)
 from .intervals import newcombe_difference_interval, paired_difference_interval
 from .power import smallest_detectable_drop

@@ -156,7 +156,7 @@ class Background:
 
 
 SIM_ENV = {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl"}
-COLLECT = ("import argparse, sys; from vla_bench.collect import add_collect_arguments, run_collect; "
+COLLECT = ("import argparse, sys; from vla_bench.collect.cli import add_collect_arguments, run_collect; "
            "p = argparse.ArgumentParser(); p.add_argument('--checkpoints-file'); add_collect_arguments(p); "
            "sys.exit(run_collect(p.parse_args(sys.argv[1:])))")
 

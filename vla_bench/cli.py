@@ -132,7 +132,7 @@ def run(args) -> int:
 
 @command("collect", "scripted-expert demonstrations in LIBERO's HDF5 layout, from random resets")
 def collect(args) -> int:
-    from .collect import run_collect
+    from .collect.cli import run_collect
 
     return run_collect(args)
 
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "tasks":
             p.add_argument("suite")
         if name == "collect":
-            from .collect import add_collect_arguments
+            from .collect.cli import add_collect_arguments
 
             add_collect_arguments(p)
         if name == "finetune":

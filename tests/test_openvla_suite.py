@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from tests.conftest import run_pytest
+
 
 pytestmark = pytest.mark.sim
 
@@ -38,9 +38,9 @@ split = "train"
     return toml
 
 
-def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode(tiny_checkpoints, tmp_path):
+def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode(project, tiny_checkpoints, tmp_path):
     db = tmp_path / "r.sqlite"
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoints-file", str(tiny_checkpoints),
+    result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoints-file", str(tiny_checkpoints),
                         "--checkpoint", "tiny", "--checkpoint", "tiny-lora", "--episodes", "2", "--max-steps", "4",
                         "--vla-results", str(db), "-rA")
     # judged (passed or failed on its threshold), never errored
@@ -53,8 +53,8 @@ def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode
     assert len(identities) == 2  # the adapter entry has an identity of its own
 
 
-def test_tiny_openvla_runs_the_bridge_proxy_suite(tiny_checkpoints, tmp_path):
-    result = run_pytest("suites/bridge_v2", "--checkpoints-file", str(tiny_checkpoints), "--checkpoint", "tiny",
+def test_tiny_openvla_runs_the_bridge_proxy_suite(project, tiny_checkpoints, tmp_path):
+    result = project.run("suites/bridge_v2", "--checkpoints-file", str(tiny_checkpoints), "--checkpoint", "tiny",
                         "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
     outcomes = [line for line in result.stdout.splitlines() if "test_metric[" in line
                 and line.split()[0] in ("PASSED", "FAILED")]

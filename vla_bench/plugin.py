@@ -1,7 +1,8 @@
 """pytest glue: options, parametrization, fixtures, -k task selection, live progress, terminal summary.
 
 No evaluation logic lives here: the options are declared in vla_bench/options.py, and everything else is a call
-into vla_bench.session / report, which `vla-bench run` uses too. A suite module declares `SUITE = "libero_spatial"` and a test taking the `libero_task` fixture; this
+into vla_bench.session / report, which `vla-bench run` uses too. A suite module declares `SUITE = "libero_spatial"`
+(a record of vla_bench/suites.py) and a test taking the `libero_task` fixture; this
 plugin turns it into one test case per (task, checkpoint) with ids like `task1-expert`.
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ from .episode import DEFAULT_CAMERAS
 from .runner import DEFAULT_EXPERT, collect
 
 def add_collect_arguments(parser) -> None:
-    parser.add_argument("--suite", default="libero_spatial", help=f"LIBERO suite ({choices(suite_names(CLOSED_LOOP))})")
+    parser.add_argument("--suite", default="libero_spatial",
+                        help=f"LIBERO suite ({choices(suite_names(CLOSED_LOOP))})")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="task numbers as in the test ids, 1-based: '1 2' or 'task1 task2' (default: all)")
     parser.add_argument("--demos", type=int, default=50, help="successful demos per task (default 50)")

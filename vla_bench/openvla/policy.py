@@ -3,7 +3,7 @@
 Per suite, its record (vla_bench/suites.py) says which observation key holds the frame, whether it needs LIBERO's
 180-degree rotation and OpenVLA's center crop, which gripper convention the actions go out in, and the default
 norm-stats keys. The chain per step is the
-reference's: image chain (image.py) -> prompt (prompt.py) -> greedy 7 tokens (model.py) -> bin centres
+reference's: image chain (image.py) -> prompt (prompt.py) -> greedy 7 tokens (fast_generator.py) -> bin centres
 (action_tokenizer.py) -> unnormalize (normalization.py) -> gripper (vla_bench/gripper.py).
 """
 from __future__ import annotations

@@ -94,6 +94,13 @@ def finetune(args) -> int:
     return run_finetune(args)
 
 
+@command("doctor", "check that this simulator stack settles and renders LIBERO's scenes as the reference stack does")
+def doctor(args) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(args)
+
+
 @command("checkpoints", "list the entries of checkpoints.toml")
 def checkpoints(args) -> int:
     registry = _registry(args)
@@ -130,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
             from .collect import add_collect_arguments
 
             add_collect_arguments(p)
+        if name == "doctor":
+            from .doctor import add_doctor_arguments
+
+            add_doctor_arguments(p)
         if name == "finetune":
             from .finetune.cli import add_finetune_arguments
 

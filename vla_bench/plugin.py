@@ -46,6 +46,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vla-compare-fail", default=None, metavar="drop:5pp",
                     help="non-inferiority margin: fail only on a drop beyond it (default: any significant drop)")
     group.addoption("--vla-strict", action="store_true", help="an inconclusive gate fails too")
+    group.addoption("--vla-strict-sim", action="store_true",
+                    help="a settled scene that differs from the reference stack's fails the task (default: a warning)")
     group.addoption("--vla-alpha", type=float, default=0.05, help="the gate's significance level (default 0.05)")
     group.addoption("--vla-curtail", action="store_true",
                     help="stop a task's episodes once no remaining outcome can change its verdict (exact)")
@@ -307,14 +309,24 @@ class LiberoTaskRunner:
         except VlaBenchError as e:
             pytest.fail(str(e), pytrace=False)
         self._record_properties(result)
+        if result.scene_mismatches and self.config.getoption("--vla-strict-sim"):
+            pytest.fail(self.describe_scene_mismatch(result), pytrace=False)
         return result
+
+    @staticmethod
+    def describe_scene_mismatch(result) -> str:
+        shown = "; ".join(result.scene_mismatches[:3]) + ("; ..." if len(result.scene_mismatches) > 3 else "")
+        return (f"{result.suite} {result.task_id} {result.checkpoint}: {len(result.scene_mismatches)} episode(s) "
+                f"started from a scene that differs from the reference simulator stack ({shown}); its scores are "
+                f"not comparable with published ones: run `vla-bench doctor` and see the README's validated stacks")
 
     def _record_properties(self, result) -> None:
         """The figures as JUnit XML properties (--junitxml), for CI systems."""
         low, high = result.interval
         props = {"successes": result.successes, "episodes": result.episodes, "errors": result.errors,
                  "rate": round(result.rate, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
-                 "threshold": result.threshold, "episodes_saved": result.saved}
+                 "threshold": result.threshold, "episodes_saved": result.saved,
+                 "scene_mismatches": len(result.scene_mismatches)}
         if result.gate is not None:
             g = result.gate
             props.update({f"gate_{k}": getattr(g, k) for k in ("verdict", "baseline_rate", "candidate_rate",
@@ -363,6 +375,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         console.print(task_table(session.results))
     if session.proxy_results:
         console.print(proxy_table(session.proxy_results))
+    for result in session.results:
+        if result.scene_mismatches:
+            terminalreporter.write_line("WARNING " + LiberoTaskRunner.describe_scene_mismatch(result),
+                                        red=True, bold=True)
     if any(r.gate is not None for r in session.results):
         from .report import gate_table
 

@@ -90,17 +90,29 @@ class ActionRepeater:
         """Positions in `slots` whose slot needs a new prediction at this step."""
         return [row for row, s in enumerate(slots) if not self._plan.get(s)]
 
-    def plans(self, predicted: np.ndarray, n: int) -> np.ndarray:
-        """The model's answer for n rows -> (n, steps, 7) env actions to execute, by the rule of its shape."""
-        predicted = np.asarray(predicted, dtype=np.float64)
-        if predicted.ndim == 2 and predicted.shape == (n, 7):
+    def plans(self, predicted, n: int) -> list[np.ndarray]:
+        """The model's answer for n rows -> n (steps, 7) plans of env actions, by the rule of its shape: a (n, 7)
+        array holds predictions (each executed action_repeat times by the rule); a (n, H, 7) array, or a list of n
+        (H, 7) chunks or (7,) single actions (remote servers answer either), holds actions executed as given."""
+        if isinstance(predicted, np.ndarray) and predicted.ndim == 2:
+            if predicted.shape != (n, 7):
+                raise ValueError(f"query returned shape {predicted.shape}, expected ({n}, 7) or ({n}, H, 7)")
             step = step_actions(predicted, self.action_repeat, self._rule)
-            return np.repeat(step[:, None, :], self.action_repeat, axis=1)
-        if predicted.ndim == 3 and predicted.shape[0] == n and predicted.shape[1] >= 1 and predicted.shape[2] == 7:
-            if self.action_repeat != 1:  # a chunk already says what each step executes
-                raise ValueError("action chunks and action_repeat > 1 cannot be combined")
-            return predicted[:, :self.replan_steps]
-        raise ValueError(f"query returned shape {predicted.shape}, expected ({n}, 7) or ({n}, H, 7)")
+            return list(np.repeat(step[:, None, :], self.action_repeat, axis=1))
+        rows = list(predicted)
+        if len(rows) != n:
+            raise ValueError(f"query returned {len(rows)} answers for {n} rows")
+        if self.action_repeat != 1:  # a chunk already says what each step executes
+            raise ValueError("action chunks and action_repeat > 1 cannot be combined")
+        plans = []
+        for chunk in rows:
+            chunk = np.asarray(chunk, dtype=np.float64)
+            if chunk.shape == (7,):
+                chunk = chunk[None]
+            if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != 7:
+                raise ValueError(f"query returned a chunk of shape {chunk.shape}, expected (H, 7) or (7,)")
+            plans.append(chunk[:self.replan_steps])
+        return plans
 
     def act(self, slots: Sequence[int], query: Callable[[list[int]], np.ndarray]) -> np.ndarray:
         slots = list(slots)

@@ -62,7 +62,7 @@ class Connection:
             try:
                 # compression off: frames are already dense arrays, and deflate costs more CPU than the wire saves
                 self.ws = connect(self.url, open_timeout=r.connect_timeout, close_timeout=2, compression=None,
-                                  max_size=r.max_bytes)
+                                  max_size=r.max_bytes, **_CONNECT_OPTIONS)
                 self.metadata = self._handshake()
                 return self.metadata
             except RemoteError:
@@ -208,6 +208,20 @@ class VlaEvalConnection(Connection):
                               f"{reply['type']!r} with seq {reply['seq']!r}")
         return self._actions(reply["payload"], "an action payload")
 
+
+def _connect_options() -> dict:
+    """Options of websockets' sync connect that only newer versions have: a plain connection (not the context
+    manager or auto-reconnecting iterator that 16+ prefer: reconnection here is per slot and per episode) and no
+    HTTP proxy from the environment (policy servers are reached directly)."""
+    import inspect
+
+    from websockets.sync.client import connect
+
+    params = inspect.signature(connect).parameters
+    return {**({"legacy": True} if "legacy" in params else {}), **({"proxy": None} if "proxy" in params else {})}
+
+
+_CONNECT_OPTIONS = _connect_options()
 
 CONNECTIONS = {"openpi": OpenpiConnection, "vla-eval": VlaEvalConnection}
 

@@ -201,7 +201,7 @@ class PolicyServer:
             if on_ready:
                 on_ready(bound)
             await stop.wait()
-            server.close(close_connections=False)  # no new connections; observations in flight are answered
+            server.server.close()  # the listening socket: no new connections; observations in flight are answered
             for _ in range(3000):  # at most ~30 s
                 if not self._inflight:
                     break
@@ -217,3 +217,51 @@ def _now() -> float:
     import time
 
     return time.time()
+
+
+class BackgroundServer:
+    """A PolicyServer on its own event loop in a daemon thread (tests, benchmarks, notebooks): `url` once started,
+    `close()` stops it gracefully."""
+
+    def __init__(self, server: PolicyServer, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
+        import threading
+
+        self.server = server
+        self.host = host
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.port = port
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(server.serve(host, port, on_ready=self._on_ready, stop=self._stop))
+            except BaseException as e:  # reported to the starting thread
+                self._error = e
+                self._ready.set()
+
+        self._thread = threading.Thread(target=run, name="vla-bench-serve", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._error is not None:
+            raise RuntimeError(f"policy server did not start: {self._error!r}")
+
+    def _on_ready(self, port: int) -> None:
+        self.port = port
+        self._ready.set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

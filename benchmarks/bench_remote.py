@@ -2,7 +2,8 @@
 same policy behind `vla-bench serve` on loopback, reached through the remote kind, in both protocols, for one env
 and for a batch of 8 (one connection per env slot; the server batches them into one policy call). Observations
 are what the LIBERO presets send: openpi's two 224x224 frames + state + prompt, vla-eval's one 256x256 frame +
-prompt.
+prompt. As in the rollout engine, the env workers have already flipped and resized the frames (the mapping is
+their observation transform), so the figures are the policy process's own cost per step.
 
     .venv/bin/python -m pytest benchmarks/bench_remote.py --benchmark-only --benchmark-group-by=group
 
@@ -51,6 +52,7 @@ def test_step_time(benchmark, where, batch):
         server = BackgroundServer(PolicyServer(Zeros(), {"checkpoint": "zeros"}, where, mapping, max_batch=batch,
                                                max_wait_s=0.05))
         policy = RemotePolicy(ConnectionPool(server.url, where, Reliability()), mapping, ActionMapping())
+        obs = [policy.observation_transform(o) for o in obs]  # what the env workers do before sending
     for s in slots:
         policy.reset(s, 0)
     policy.act(obs, texts, slots)  # connections opened outside the measurement

@@ -421,3 +421,42 @@ def test_serve_shuts_down_gracefully_on_sigterm():
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "vla-bench serve: stopped" in out
+
+
+# ---- the observation mapping ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_frames_prepared_in_env_workers_equal_the_ones_the_policy_would_make(preset):
+    """The mapping as an env worker's observation transform (pickled there and back, as spawn workers do) yields
+    the same wire observation as mapping in the policy process, and the instruction never leaks into the
+    prepared copy."""
+    import pickle
+
+    mapping = PRESETS[preset]
+    obs = env_obs(3)
+    direct = mapping.wire_observation(obs, "open the drawer")
+    shipped = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(mapping))(dict(obs))))
+    via_worker = mapping.wire_observation(shipped, "open the drawer")
+    again = mapping.wire_observation(shipped, "close it")
+    flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (flat(v, p + k + ".").items()  # noqa: E731
+                                                                      if isinstance(v, dict) else [(p + k, v)])}
+    a, b = flat(direct), flat(via_worker)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert flat(again)[mapping.prompt_key] == "close it"
+
+
+def test_presets_send_upright_padded_frames_and_the_state_layout_of_their_clients():
+    from vla_bench.serve.mapping import quat_to_axis_angle, resize_frame
+
+    wide = np.full((128, 256, 3), 200, np.uint8)
+    padded = resize_frame(wide, 224, "pad")
+    assert padded.shape == (224, 224, 3) and padded[:56].max() == 0 and padded[168:].max() == 0
+    assert padded[60:164].min() == 200
+    half = np.sqrt(0.5)
+    np.testing.assert_allclose(quat_to_axis_angle([0, 0, half, half]), [0, 0, np.pi / 2])
+    obs = env_obs(4)
+    wire = PRESETS["openpi-libero"].wire_observation(obs, "x")
+    assert wire["observation/image"].shape == (224, 224, 3) and wire["observation/state"].shape == (8,)
+    np.testing.assert_array_equal(PRESETS["vla-eval-libero"].wire_observation(obs, "x")["images"]["agentview"],
+                                  obs["agentview_image"][::-1, ::-1])

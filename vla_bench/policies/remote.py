@@ -163,6 +163,7 @@ class RemotePolicy:
         self.mapping = mapping
         self.actions = actions
         self.cameras = mapping.cameras()  # rendered by the env workers (the wrist camera only when sent)
+        self.observation_transform = mapping  # the env workers flip and resize the frames they send
         self.repeater = ActionRepeater(1, replan_steps)  # the execution rule of chunks, shared with in-process
         self._starting: dict[int, int] = {}  # slot -> seed of an episode the server has not been told of yet
         self.row_versions = {"server": {"url": pool.url, "protocol": pool.protocol, "metadata": metadata or {}}}

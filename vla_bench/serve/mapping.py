@@ -37,6 +37,8 @@ RESIZE_RULES = ("pad", "stretch")
 #: LIBERO's observation keys (robosuite names) that the mapping reads
 ENV_IMAGE, ENV_WRIST = "agentview_image", "robot0_eye_in_hand_image"
 WRIST_CAMERA = "robot0_eye_in_hand"
+#: where an env worker leaves the wire observation it prepared (tagged with the mapping that made it)
+PREPARED = "vla_bench_wire_observation"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +55,28 @@ class ObservationMapping:
     def cameras(self) -> tuple[str, ...]:
         return ("agentview", WRIST_CAMERA) if self.wrist_key else ("agentview",)
 
-    def wire_observation(self, obs: Mapping[str, Any], instruction: str) -> dict:
-        """One env observation + instruction -> the dict the server expects."""
-        out: dict = {}
-        _put(out, self.image_key, self._frame(obs[ENV_IMAGE]))
-        if self.wrist_key:
-            _put(out, self.wrist_key, self._frame(obs[ENV_WRIST]))
-        if self.state_key:
-            _put(out, self.state_key, proprio_state(obs, self.state_layout))
-        _put(out, self.prompt_key, instruction)
+    def wire_observation(self, obs: Mapping[str, Any], instruction: str | None) -> dict:
+        """One env observation + instruction -> the dict the server expects (the frames prepared by an env
+        worker when it ran this mapping as its observation transform; the instruction left out when None)."""
+        prepared = obs.get(PREPARED)
+        if prepared is not None and prepared[0] == self:
+            out = _copy_maps(prepared[1])
+        else:
+            out = {}
+            _put(out, self.image_key, self._frame(obs[ENV_IMAGE]))
+            if self.wrist_key:
+                _put(out, self.wrist_key, self._frame(obs[ENV_WRIST]))
+            if self.state_key:
+                _put(out, self.state_key, proprio_state(obs, self.state_layout))
+        if instruction is not None:
+            _put(out, self.prompt_key, instruction)
         return out
+
+    def __call__(self, obs: dict) -> dict:
+        """As an env worker's observation transform (policies/base.py): flips and resizes run in the workers, in
+        parallel, instead of one after another in the policy's process (~3 ms a frame on a busy CPU core)."""
+        obs[PREPARED] = (self, self.wire_observation(obs, None))
+        return obs
 
     def _frame(self, frame: np.ndarray) -> np.ndarray:
         frame = np.asarray(frame)
@@ -164,6 +178,11 @@ def proprio_state(obs: Mapping[str, Any], layout: str) -> np.ndarray:
     pos, quat = np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["robot0_eef_quat"])
     rot = quat_to_axis_angle(quat) if layout == "eef_pos_axisangle_gripper" else quat
     return np.concatenate([pos, rot, np.asarray(obs["robot0_gripper_qpos"])]).astype(np.float32)
+
+
+def _copy_maps(value):
+    """A copy of nested dicts that shares their arrays (the prompt is added to the copy, never to the original)."""
+    return {k: _copy_maps(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def _put(out: dict, key: str, value) -> None:

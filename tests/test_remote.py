@@ -460,3 +460,15 @@ def test_presets_send_upright_padded_frames_and_the_state_layout_of_their_client
     assert wire["observation/image"].shape == (224, 224, 3) and wire["observation/state"].shape == (8,)
     np.testing.assert_array_equal(PRESETS["vla-eval-libero"].wire_observation(obs, "x")["images"]["agentview"],
                                   obs["agentview_image"][::-1, ::-1])
+
+
+def test_serve_refuses_bad_arguments_with_a_one_line_error(capsys):
+    from vla_bench import cli
+
+    toml = str(REPO / "checkpoints.toml")
+    assert cli.main(["serve", "noop", "--checkpoints-file", toml, "--protocol", "grpc"]) == 2
+    assert "--protocol: unknown protocol 'grpc'; valid: openpi, vla-eval" in capsys.readouterr().err
+    assert cli.main(["serve", "nope", "--checkpoints-file", toml]) == 2
+    assert "unknown checkpoint 'nope'" in capsys.readouterr().err
+    assert cli.main(["serve", "noop", "--checkpoints-file", toml, "--observation", "mine"]) == 2
+    assert "--observation: unknown preset 'mine'; valid: openpi-libero, vla-eval-libero" in capsys.readouterr().err

@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from typing import Any
-
 import numpy as np
 
 from ..errors import VlaBenchError, choices
@@ -235,7 +233,3 @@ def build(spec, context) -> RemotePolicy:
     return RemotePolicy(pool, observation_mapping(o["protocol"], o, spec.where()), action_mapping(spec),
                         o.get("replan_steps"), metadata)
 
-
-def describe(metadata: dict[str, Any]) -> str:
-    """A one-line summary of a server's metadata, for logs."""
-    return ", ".join(f"{k}={v}" for k, v in sorted(metadata.items()) if k not in _GENERIC_METADATA) or "(nothing)"

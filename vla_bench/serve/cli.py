@@ -40,7 +40,9 @@ def build_server(registry, name: str, protocol: str = "openpi", suite: str = "li
     if max_batch < 1 or max_wait_ms < 0 or max_message_mb <= 0:
         raise VlaBenchError("--max-batch must be >= 1, --max-wait-ms >= 0 and --max-message-mb > 0")
     preset = observation or DEFAULT_PRESET[protocol]
-    mapping = observation_mapping(protocol, {"observation": preset}, "--observation: ")
+    if preset not in PRESETS:
+        raise VlaBenchError(f"--observation: unknown preset {preset!r}; valid: {choices(PRESETS)}")
+    mapping = observation_mapping(protocol, {"observation": preset})
     spec = registry.get(name)
     policy = build_policy(spec, BuildContext(registry, suite, cache or ModelCache()))
     try:

@@ -5,7 +5,6 @@ was expected and what came."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,17 +21,15 @@ from conftest import REPO, sim_env
 from vla_bench.envs.vector import SlotResult
 from vla_bench.errors import VlaBenchError
 from vla_bench.policies import BuildContext, ModelCache, build_policy
-from vla_bench.policies.base import SlotErrors
 from vla_bench.policies.remote import RemoteIdentityWarning, _metadata
 from vla_bench.protocol import reference_protocol
 from vla_bench.registry import Registry
 from vla_bench.rollout import rollout_episodes
 from vla_bench.serve import codec
-from vla_bench.serve.client import OpenpiConnection, Reliability, RemoteError, VlaEvalConnection
+from vla_bench.serve.client import OpenpiConnection, Reliability, RemoteError
 from vla_bench.serve.mapping import PRESETS
 from vla_bench.serve.server import BackgroundServer, PolicyServer
 
-FRAME = np.arange(256 * 256 * 3, dtype=np.uint8).reshape(256, 256, 3)
 
 
 def env_obs(seed: int = 0) -> dict:
@@ -361,8 +358,8 @@ def _free_port() -> int:
 def _serve_noop(port: int) -> subprocess.Popen:
     """`vla-bench serve noop` in its own process (so that it can be killed), once its health endpoint answers."""
     proc = subprocess.Popen([sys.executable, "-m", "vla_bench.cli", "serve", "noop", "--checkpoints-file",
-                             str(REPO / "checkpoints.toml"), "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=sim_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(REPO / "checkpoints.toml"), "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
+                            env=sim_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for _ in range(300):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)

@@ -140,8 +140,8 @@ class PolicyServer:
             try:
                 message = unpack(frame, self.max_bytes)
                 if not isinstance(message, dict) or not {"type", "payload", "seq"} <= set(message):
-                    raise WireError("expected a message map with type, payload and seq, received "
-                                    f"{sorted(map(str, message)) if isinstance(message, dict) else type(message).__name__}")
+                    got = sorted(map(str, message)) if isinstance(message, dict) else type(message).__name__
+                    raise WireError(f"expected a message map with type, payload and seq, received {got}")
                 kind, seq = message["type"], message["seq"]
                 if kind == "hello":
                     await reply("hello", {"protocol_version": 1, "model_server": "vla-bench", "capabilities": {},

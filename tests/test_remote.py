@@ -21,6 +21,7 @@ from conftest import REPO, sim_env
 from vla_bench.envs.vector import SlotResult
 from vla_bench.errors import VlaBenchError
 from vla_bench.policies import BuildContext, ModelCache, build_policy
+from vla_bench.policies.base import SlotErrors
 from vla_bench.policies.remote import RemoteIdentityWarning, _metadata
 from vla_bench.protocol import reference_protocol
 from vla_bench.registry import Registry
@@ -195,6 +196,8 @@ class _VlaEvalServer:
 
         class Model(PredictModelServer):
             def predict(self, obs, ctx):
+                if obs["task_description"] == "boom":
+                    raise RuntimeError("the model exploded")
                 a = np.zeros((2, 7), dtype=np.float32)
                 a[:, :3] = obs["images"]["agentview"].reshape(-1, 3).mean(axis=0) / 255.0
                 a[:, 3] = len(obs["task_description"])
@@ -238,6 +241,12 @@ def test_remote_kind_evaluates_a_server_built_on_vla_evals_model_server(checkpoi
     assert list(first[:, 3]) == [1, 2] and list(first[:, 5]) == [0, 0] and list(second[:, 5]) == [1, 1]
     policy.reset(0, 1)  # a new episode: vla-eval's server drops the rest of its chunk on episode_start
     assert policy.act(observations[:1], ["a"], [0])[0, 5] == 0
+    policy.reset(1, 1)
+    with pytest.raises(SlotErrors) as failed:  # the server's error message ends slot 1's episode, not slot 0's
+        policy.act(observations, ["a", "boom"], [0, 1])
+    assert list(failed.value.errors) == [1] and list(failed.value.actions) == [0]
+    assert "(vla-eval protocol): the server reported an error" in failed.value.errors[1]
+    assert "the model exploded" in failed.value.errors[1]
 
     outcomes = []
     rollout_episodes(policy, FakeEnv(2), reference_protocol("libero_spatial", max_steps=4), 0, "go", [0, 1, 2],
@@ -469,3 +478,57 @@ def test_serve_refuses_bad_arguments_with_a_one_line_error(capsys):
     assert "unknown checkpoint 'nope'" in capsys.readouterr().err
     assert cli.main(["serve", "noop", "--checkpoints-file", toml, "--observation", "mine"]) == 2
     assert "--observation: unknown preset 'mine'; valid: openpi-libero, vla-eval-libero" in capsys.readouterr().err
+
+
+def test_garbage_mid_episode_makes_that_episode_an_error_and_the_others_run_on(checkpoints_file):
+    """A fake openpi server answers one request (the 5th) with bytes that are not msgpack: that episode is an
+    error naming the URL and what came, the connection is replaced, and every other episode runs to the end."""
+    from websockets.sync.server import serve
+
+    count = [0]
+
+    def handler(ws):
+        ws.send(codec.pack({"model": "fake", "weights": "abc"}))
+        for _ in ws:
+            count[0] += 1
+            ws.send(b"\xc1 not msgpack" if count[0] == 5 else codec.pack({"actions": np.zeros((1, 7))}))
+
+    with serve(handler, "127.0.0.1", 0) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"ws://127.0.0.1:{srv.socket.getsockname()[1]}"
+        policy, _ = remote_policy(checkpoints_file, url, "openpi")
+        outcomes = []
+        rollout_episodes(policy, FakeEnv(2), reference_protocol("libero_spatial", max_steps=4), 0, "go",
+                         [0, 1, 2, 3], outcomes.append)
+        srv.shutdown()
+    errors = [o for o in outcomes if o.error]
+    assert len(outcomes) == 4 and len(errors) == 1 and errors[0].success is False
+    assert errors[0].error.startswith(f"{url} (openpi protocol): expected an action map: expected a msgpack message")
+    assert all(o.steps == 4 for o in outcomes if not o.error)
+
+
+def test_serve_answers_vla_evals_own_connection_with_png_frames():
+    """vla-eval's own Connection (hello, episode_start, observation with its default PNG-encoded frame) gets one
+    action per observation from `vla-bench serve --protocol vla-eval`, the chunk buffered server-side and dropped
+    at the next episode_start."""
+    import anyio
+    from vla_eval.connection import Connection
+
+    server = PolicyServer(Echo(action_repeat=2), {"checkpoint": "echo", "identity": "echo:2"}, "vla-eval",
+                          PRESETS["vla-eval-libero"])
+    obs = PRESETS["vla-eval-libero"].wire_observation(env_obs(5), "stack the bowls")
+
+    async def session(url):
+        async with Connection(url, timeout=10, max_retries=1) as conn:
+            await conn.start_episode({"task": "x"})
+            first, second, third = [await conn.act(obs) for _ in range(3)]
+            await conn.start_episode({"task": "y"})
+            fresh = await conn.act(obs)
+            return conn.server_info, [np.asarray(a["actions"]) for a in (first, second, third, fresh)]
+
+    with BackgroundServer(server) as bg:
+        info, actions = anyio.run(session, bg.url)
+    assert info["identity"] == "echo:2" and info["action_horizon"] == 2
+    assert all(a.shape == (7,) for a in actions)
+    np.testing.assert_allclose(actions[0][:3], obs["images"]["agentview"].reshape(-1, 3).mean(axis=0) / 255.0)
+    assert server.batches == [1, 1, 1]  # steps 1 and 3 asked the model, step 2 came from the buffer; then anew

@@ -532,3 +532,25 @@ def test_serve_answers_vla_evals_own_connection_with_png_frames():
     assert all(a.shape == (7,) for a in actions)
     np.testing.assert_allclose(actions[0][:3], obs["images"]["agentview"].reshape(-1, 3).mean(axis=0) / 255.0)
     assert server.batches == [1, 1, 1]  # steps 1 and 3 asked the model, step 2 came from the buffer; then anew
+
+
+def test_another_model_at_the_same_url_mid_run_is_refused(checkpoints_file):
+    """The server is replaced by one reporting other metadata: reconnections are refused (episode errors naming
+    both), so its actions are never recorded under the first server's identity."""
+    port = _free_port()
+    first = BackgroundServer(PolicyServer(Echo(), {"checkpoint": "a"}, "openpi", PRESETS["openpi-libero"]),
+                             port=port)
+    policy, _ = remote_policy(checkpoints_file, first.url, "openpi")
+    policy.reset(0, 0)
+    policy.act([env_obs()], ["x"], [0])
+    first.close()
+    with BackgroundServer(PolicyServer(Echo(), {"checkpoint": "b"}, "openpi", PRESETS["openpi-libero"]),
+                          port=port):
+        with pytest.raises(SlotErrors):  # the old connection is gone
+            policy.act([env_obs()], ["x"], [0])
+        policy.reset(0, 1)
+        with pytest.raises(SlotErrors) as refused:
+            policy.act([env_obs()], ["x"], [0])
+    message = refused.value.errors[0]
+    assert "expected the server that began this run" in message
+    assert '"checkpoint": "a"' in message and '"checkpoint": "b"' in message

@@ -128,16 +128,22 @@ def action_mapping(spec) -> ActionMapping:
 class ConnectionPool:
     """One connection per env slot to one server, opened on first use and after a failure (with back-off)."""
 
-    def __init__(self, url: str, protocol: str, reliability: Reliability):
+    def __init__(self, url: str, protocol: str, reliability: Reliability, metadata: dict | None = None):
         self.url, self.protocol, self.reliability = url, protocol, reliability
+        self.metadata = metadata  # what the server reported when the run began: every reconnection must match
         self.connections: dict[int, Connection] = {}
 
     def get(self, slot: int) -> Connection:
         conn = self.connections.get(slot)
         if conn is None or not conn.is_open:
             conn = CONNECTIONS[self.protocol](self.url, self.reliability)
-            self.connections[slot] = conn
             conn.open()
+            if self.metadata is not None and conn.metadata != self.metadata:
+                # another model now answers at this URL: its actions must not be recorded under this identity
+                conn.close()
+                raise RemoteError(f"{conn.where()}expected the server that began this run (metadata "
+                                  f"{_short(self.metadata)}), received metadata {_short(conn.metadata)}")
+            self.connections[slot] = conn
         return conn
 
     def drop(self, slot: int) -> None:
@@ -229,7 +235,12 @@ def build(spec, context) -> RemotePolicy:
     o = spec.options
     metadata = server_metadata(spec)
     pool = context.cache.get_or_create(("remote", o["url"], o["protocol"]),
-                                       lambda: ConnectionPool(o["url"], o["protocol"], reliability(spec)))
+                                       lambda: ConnectionPool(o["url"], o["protocol"], reliability(spec), metadata))
     return RemotePolicy(pool, observation_mapping(o["protocol"], o, spec.where()), action_mapping(spec),
                         o.get("replan_steps"), metadata)
 
+
+
+def _short(metadata: dict) -> str:
+    text = json.dumps(metadata, sort_keys=True, default=str)
+    return text if len(text) <= 300 else text[:300] + "..."

@@ -106,7 +106,11 @@ def checkpoints(args) -> int:
     registry = _registry(args)
     for name, spec in registry.checkpoints.items():
         mark = " (default)" if name == registry.default else ""
-        print(f"{name}{mark}: kind={spec.kind} identity={registry.identity(spec)}")
+        try:
+            identity = registry.identity(spec)
+        except VlaBenchError as e:  # e.g. a remote entry whose server is down: the other entries still list
+            identity = f"unavailable ({e})"
+        print(f"{name}{mark}: kind={spec.kind} identity={identity}")
     return 0
 
 

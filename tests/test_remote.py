@@ -554,3 +554,23 @@ def test_another_model_at_the_same_url_mid_run_is_refused(checkpoints_file):
     message = refused.value.errors[0]
     assert "expected the server that began this run" in message
     assert '"checkpoint": "a"' in message and '"checkpoint": "b"' in message
+
+
+def test_an_oversized_answer_is_refused_by_the_client_with_the_limit_named():
+    from websockets.sync.server import serve
+
+    def handler(ws):
+        ws.send(codec.pack({"model": "fake"}))
+        for _ in ws:
+            ws.send(codec.pack({"actions": np.zeros((40_000, 7))}))  # 2.2 MB
+
+    with serve(handler, "127.0.0.1", 0) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"ws://127.0.0.1:{srv.socket.getsockname()[1]}"
+        conn = OpenpiConnection(url, Reliability(retries=1, call_timeout=5, max_bytes=1 << 20))
+        conn.open()
+        conn.send_observation({"x": 1})
+        with pytest.raises(RemoteError, match="code 1009.*exceeded a size limit") as e:
+            conn.receive_actions()
+        srv.shutdown()
+    assert str(e.value).startswith(f"{url} (openpi protocol): expected an action map, the connection ended")

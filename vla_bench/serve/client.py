@@ -238,5 +238,6 @@ def _describe(e: Exception) -> str:
     rcvd = getattr(e, "rcvd", None) or getattr(e, "sent", None)
     if rcvd is not None:
         return f"connection closed with code {rcvd.code} {rcvd.reason!r}" + (
-            " (message too big for the other side's limit)" if rcvd.code == 1009 else "")
+            " (a message exceeded a size limit: max_message_mb of the entry, --max-message-mb of vla-bench serve)"
+            if rcvd.code == 1009 else "")
     return f"{type(e).__name__}: {e}"

@@ -187,7 +187,6 @@ class RemotePolicy:
         errors: dict[int, str] = {}
 
         def query(rows: list[int]) -> list[np.ndarray]:
-            asked = []
             for r in rows:  # every request goes out before any answer is awaited: the server can batch them
                 slot = slots[r]
                 try:
@@ -196,7 +195,6 @@ class RemotePolicy:
                         conn.start_episode({"seed": self._starting[slot], "task_description": instructions[r]})
                         del self._starting[slot]
                     conn.send_observation(self.mapping.wire_observation(observations[r], instructions[r]))
-                    asked.append(r)
                 except (RemoteError, ValueError) as e:
                     errors[slot] = str(e)
                     self.pool.drop(slot)

@@ -1,19 +1,13 @@
 """A served checkpoint is the same checkpoint: the tiny OpenVLA through `vla-bench serve` (either protocol) gives
-the in-process actions bit for bit, and the same LIBERO episodes, episode for episode, through the pytest suite."""
+the in-process actions bit for bit, and the same LIBERO episodes, episode for episode and frame for frame."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_pytest, sim_env
-from test_remote import _free_port, env_obs
+from test_remote import env_obs
 from vla_bench.policies import BuildContext, ModelCache, build_policy
 from vla_bench.policies.remote import _metadata
 from vla_bench.registry import Registry
@@ -68,50 +62,39 @@ def test_a_served_checkpoint_gives_the_in_process_actions(protocol, tiny_snapsho
     assert remote.repeater.queries == (4 if protocol == "openpi" else 5)
 
 
-def _serve(checkpoints: str, name: str, protocol: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "vla_bench.cli", "serve", name, "--checkpoints-file", checkpoints,
-                             "--protocol", protocol, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
-                            env=sim_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for _ in range(1200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("vla-bench serve did not come up")
-
-
 @pytest.mark.sim
-def test_the_remote_kind_gives_the_in_process_libero_episodes(tiny_snapshot, checkpoints_file, tmp_path):
-    """`pytest suites/libero_spatial -k task1` with the tiny OpenVLA in-process and served over the openpi protocol
-    (the vla-eval protocol's actions are checked bit for bit above, without the simulator): the same outcome and
-    steps per episode, and the same frames (contact sheets byte for byte), so the same actions reached the
-    simulator."""
-    ports = {"openpi": _free_port()}
-    remote = "".join(f'[checkpoints.tiny-{p}]\nkind = "remote"\nurl = "ws://127.0.0.1:{port}"\nprotocol = "{p}"\n'
-                     'image_size = 0\nwrist_key = ""\nstate_key = ""\n' for p, port in ports.items())
-    toml = checkpoints_file(entries(tiny_snapshot, remote))
-    servers = [_serve(str(toml), "tiny", p, port) for p, port in ports.items()]
-    try:
-        db, videos = tmp_path / "r.sqlite", tmp_path / "videos"
-        result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoints-file", str(toml),
-                            "--checkpoint", "tiny", "--checkpoint", "tiny-openpi", "--episodes", "2", "--max-steps",
-                            "4", "--vla-workers", "1", "--vla-results", str(db),
-                            "--video", "all", "--video-format", "sheet", "--video-dir", str(videos), "-rA")
-    finally:
-        for proc in servers:
-            proc.terminate()
-            proc.wait(30)
-    assert result.returncode in (0, 1), result.stdout[-3000:]
-    with sqlite3.connect(db) as c:
-        rows = c.execute("SELECT checkpoint, init_index, success, steps, error FROM episodes").fetchall()
-    by_checkpoint = {name: sorted(r[1:] for r in rows if r[0] == name) for name in ("tiny", "tiny-openpi")}
-    assert len(by_checkpoint["tiny"]) == 2 and all(r[3] is None for r in by_checkpoint["tiny"])
-    assert by_checkpoint["tiny-openpi"] == by_checkpoint["tiny"]
-    sheets = {name: sorted((p.name, p.read_bytes()) for p in (videos / name).rglob("*.png"))
-              for name in by_checkpoint}
-    assert len(sheets["tiny"]) == 2 and sheets["tiny"][0][1] != sheets["tiny"][1][1]  # two different scenes
-    assert sheets["tiny-openpi"] == sheets["tiny"]
+def test_the_remote_kind_gives_the_in_process_libero_episodes(tiny_snapshot, checkpoints_file):
+    """LIBERO-Spatial task 1, two episodes, with the tiny OpenVLA in-process and through `vla-bench serve` over
+    the openpi protocol, in one simulator worker: the same outcome and steps per episode and the same frames at
+    every step, so the same actions reached the simulator."""
+    from vla_bench.envs.tasks import suite_tasks
+    from vla_bench.envs.vector import VectorLiberoEnv
+    from vla_bench.protocol import reference_protocol
+    from vla_bench.rollout import rollout_episodes
+
+    _metadata.clear()
+    reg = Registry.load(checkpoints_file(entries(tiny_snapshot)))
+    cache = ModelCache()
+    local = build_policy(reg.get("tiny"), BuildContext(reg, "libero_spatial", cache))
+    protocol = reference_protocol("libero_spatial", episodes=2, max_steps=4)
+    runs = {}
+    with BackgroundServer(build_server(reg, "tiny", "openpi", cache=cache)) as bg:
+        reg = Registry.load(checkpoints_file(entries(tiny_snapshot, (
+            f'[checkpoints.remote]\nkind = "remote"\nurl = "{bg.url}"\nprotocol = "openpi"\nimage_size = 0\n'
+            'wrist_key = ""\nstate_key = ""\n'))))
+        remote = build_policy(reg.get("remote"), BuildContext(reg, "libero_spatial", ModelCache()))
+        # no observation transform: both policies prepare their frames themselves from the same raw renders
+        with VectorLiberoEnv(protocol, 0, 1, cameras=("agentview",)) as env:
+            for name, policy in (("in-process", local), ("served", remote)):
+                outcomes = []
+                rollout_episodes(policy, env, protocol, 0, suite_tasks("libero_spatial")[0].language, [0, 1],
+                                 outcomes.append, record_frames=True)
+                runs[name] = sorted(outcomes, key=lambda o: o.init_index)
+        remote.close()
+    for here, there in zip(runs["in-process"], runs["served"], strict=True):
+        assert here.error is None and there.error is None
+        assert (here.init_index, here.success, here.steps) == (there.init_index, there.success, there.steps)
+        assert len(here.frames) == len(there.frames) == protocol.max_steps + 1
+        for a, b in zip(here.frames, there.frames):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(runs["in-process"][0].frames[0], runs["in-process"][0].frames[-1])  # the arm moved

@@ -101,12 +101,23 @@ def doctor(args) -> int:
     return run_doctor(args)
 
 
+@command("serve", "serve a checkpoints.toml entry over the openpi or vla-eval websocket protocol, batched")
+def serve(args) -> int:
+    from .serve.cli import run_serve
+
+    return run_serve(args, _registry(args))
+
+
 @command("checkpoints", "list the entries of checkpoints.toml")
 def checkpoints(args) -> int:
     registry = _registry(args)
     for name, spec in registry.checkpoints.items():
         mark = " (default)" if name == registry.default else ""
-        print(f"{name}{mark}: kind={spec.kind} identity={registry.identity(spec)}")
+        try:
+            identity = registry.identity(spec)
+        except VlaBenchError as e:  # e.g. a remote entry whose server is down: the other entries still list
+            identity = f"unavailable ({e})"
+        print(f"{name}{mark}: kind={spec.kind} identity={identity}")
     return 0
 
 
@@ -145,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
             from .finetune.cli import add_finetune_arguments
 
             add_finetune_arguments(p)
+        if name == "serve":
+            from .serve.cli import add_serve_arguments
+
+            add_serve_arguments(p)
         if name == "gate":
             p.add_argument("baseline", help="baseline run: a name in --baselines or a .json path")
             p.add_argument("candidate", help="candidate run (saved with --vla-save): a name or a .json path")

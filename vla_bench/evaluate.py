@@ -125,7 +125,8 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
         cameras = tuple(getattr(policy, "cameras", ("agentview",))) if policy.needs_images else ()
         if record_frames and "agentview" not in cameras:
             cameras += ("agentview",)
-        versions = library_versions()
+        # plus what the policy says identifies it beyond its identity string (a remote server's metadata)
+        versions = {**library_versions(), **getattr(policy, "row_versions", {})}
         # cheap CPU policies (scripted expert, controls) run whole episodes inside the workers
         in_workers = bool(getattr(policy, "runs_in_worker", False))
         with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,

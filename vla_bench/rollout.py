@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .envs.vector import VectorLiberoEnv
-from .policies.base import Policy
+from .policies.base import Policy, SlotErrors
 from .protocol import Protocol
 
 
@@ -90,11 +90,18 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
     start(range(env.n))
     while running:
         slots = sorted(running)
-        actions = np.asarray(policy.act([running[s].obs for s in slots], [instruction] * len(slots), slots))
-        if actions.shape != (len(slots), 7):
-            raise ValueError(f"policy.act returned shape {actions.shape}, expected ({len(slots)}, 7)")
-        results = env.step({slot: actions[k] for k, slot in enumerate(slots)})
         freed = []
+        try:
+            actions = np.asarray(policy.act([running[s].obs for s in slots], [instruction] * len(slots), slots))
+            if actions.shape != (len(slots), 7):
+                raise ValueError(f"policy.act returned shape {actions.shape}, expected ({len(slots)}, 7)")
+            planned = {slot: actions[k] for k, slot in enumerate(slots)}
+        except SlotErrors as e:  # e.g. a remote server lost mid-episode: those episodes are errors, not failures
+            planned = {slot: a for slot, a in e.actions.items() if slot not in e.errors}
+            for slot, message in e.errors.items():
+                finish(slot, running.pop(slot), False, message)
+                freed.append(slot)
+        results = env.step(planned) if planned else {}
         for slot, result in results.items():
             ep = running[slot]
             ep.steps += 1

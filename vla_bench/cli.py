@@ -85,15 +85,16 @@ def run(args) -> int:
     """0 when every task (or gated metric) passes and no gate fails, 1 otherwise."""
     from .envs.tasks import parse_task_id, suite_tasks
     from .options import OptionValues
-    from .report import describe_figure, describe_gate, describe_task, gate_table, print_table, proxy_table, \
-        task_table
+    from .report import describe_figure, describe_gate, describe_scene_mismatch, describe_task, gate_table, \
+        print_table, proxy_table, task_table
     from .session import session_from_options
     from .suites import get_suite
 
     suite = get_suite(args.suite)
     registry = _registry(args)
     names = registry.checkpoint_names(args.checkpoint, None if suite.closed_loop else suite.name)
-    session = session_from_options(registry, OptionValues(lambda dest: getattr(args, dest), prefix=""))
+    values = OptionValues(lambda dest: getattr(args, dest), prefix="")
+    session = session_from_options(registry, values)
     failed = False
     try:
         if suite.closed_loop:
@@ -104,6 +105,9 @@ def run(args) -> int:
                     result = session.evaluate(registry.get(name), suite.name, task)
                     print(describe_task(result))
                     failed |= result.passed is False
+                    if result.scene_mismatches:
+                        print(("" if values("strict-sim") else "WARNING ") + describe_scene_mismatch(result))
+                        failed |= bool(values("strict-sim"))
                     if result.gate is not None:
                         print(describe_gate(result))
                         failed |= session.gate.fails(result.gate.verdict)
@@ -144,12 +148,30 @@ def finetune(args) -> int:
     return run_finetune(args)
 
 
+@command("doctor", "check that this simulator stack settles and renders LIBERO's scenes as the reference stack does")
+def doctor(args) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(args)
+
+
+@command("serve", "serve a checkpoints.toml entry over the openpi or vla-eval websocket protocol, batched")
+def serve(args) -> int:
+    from .serve.cli import run_serve
+
+    return run_serve(args, _registry(args))
+
+
 @command("checkpoints", "list the entries of checkpoints.toml")
 def checkpoints(args) -> int:
     registry = _registry(args)
     for name, spec in registry.checkpoints.items():
         mark = " (default)" if name == registry.default else ""
-        print(f"{name}{mark}: kind={spec.kind} identity={registry.identity(spec)}")
+        try:
+            identity = registry.identity(spec)
+        except VlaBenchError as e:  # e.g. a remote entry whose server is down: the other entries still list
+            identity = f"unavailable ({e})"
+        print(f"{name}{mark}: kind={spec.kind} identity={identity}")
     return 0
 
 
@@ -196,10 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
             from .collect.cli import add_collect_arguments
 
             add_collect_arguments(p)
+        if name == "doctor":
+            from .doctor import add_doctor_arguments
+
+            add_doctor_arguments(p)
         if name == "finetune":
             from .finetune.cli import add_finetune_arguments
 
             add_finetune_arguments(p)
+        if name == "serve":
+            from .serve.cli import add_serve_arguments
+
+            add_serve_arguments(p)
         if name == "gate":
             p.add_argument("baseline", help="baseline run: a name in --baselines or a .json path")
             p.add_argument("candidate", help="candidate run (saved with --vla-save): a name or a .json path")

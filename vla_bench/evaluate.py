@@ -37,6 +37,8 @@ class TaskResult:
     resumed: int = 0  # episodes taken from the store instead of re-run
     planned: int | None = None  # the protocol's episodes; more than `episodes` when curtailment stopped early
     gate: object = None  # the TaskVerdict against a baseline, when gating
+    #: 'init I: what differs' for each episode whose settled scene differs from the reference stack's
+    scene_mismatches: list = dataclasses.field(default_factory=list)
 
     @property
     def saved(self) -> int:
@@ -77,6 +79,8 @@ def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_in
     return TaskResult(checkpoint, suite, task_index, len(wins), len(measured), len(records) - len(measured),
                       sum(r.steps for r in wins) / len(wins) if wins else None,
                       sum(r.wall_s for r in records) if wall_s is None else wall_s, threshold, resumed,
+                      scene_mismatches=[f"init {r.init_index}: {r.scene_check.partition(': ')[2]}" for r in records
+                                        if (r.scene_check or "").startswith("mismatch")],
                       _outcomes={r.init_index: r.success for r in measured})
 
 
@@ -119,7 +123,8 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
         cameras = tuple(getattr(policy, "cameras", ("agentview",))) if policy.needs_images else ()
         if record_frames and "agentview" not in cameras:
             cameras += ("agentview",)
-        versions = library_versions()
+        # plus what the policy says identifies it beyond its identity string (a remote server's metadata)
+        versions = {**library_versions(), **getattr(policy, "row_versions", {})}
         # cheap CPU policies (scripted expert, controls) run whole episodes inside the workers
         in_workers = bool(getattr(policy, "runs_in_worker", False))
         with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
@@ -136,7 +141,7 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
                 record = EpisodeRecord(spec.name, identity, protocol.suite, task_index, task.name,
                                        outcome.init_index, outcome.seed, key, protocol.as_dict(), outcome.success,
                                        outcome.steps, outcome.error, outcome.wall_s, versions, env.backend,
-                                       settings.device, video)
+                                       settings.device, video, scene_check=outcome.scene_check)
                 store.add(record)
                 records[outcome.init_index] = record
                 if progress:

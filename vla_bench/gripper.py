@@ -8,7 +8,7 @@ Two conventions meet in this project:
 
 A suite declares which one its actions use (vla_bench/suites.py); the open-loop metrics read each side's gripper
 through `is_open`; the OpenVLA chain maps its output with `postprocess`; training targets are made with
-`libero_to_training`.
+`libero_to_training`; a remote policy server's answer is read with `server_to_libero`.
 """
 from __future__ import annotations
 
@@ -58,4 +58,29 @@ def postprocess(actions, convention: str) -> np.ndarray:
         # command) at g = 0.5 exactly; no bin centre is 0.5, so decoded actions never hit it, and for other inputs
         # a definite command is safer: 0.5 counts as open
         out[..., -1] = np.where(out[..., -1] >= 0.5, -1.0, 1.0)
+    return out
+
+
+#: the conventions a remote policy server may answer in (a checkpoints.toml `gripper` value of kind "remote") ->
+#: how `server_to_libero` turns its last dim into LIBERO's (-1 open, +1 close)
+SERVER_CONVENTIONS = {
+    "libero": "-1 open, +1 close (LIBERO's own; passed through)",
+    "open-positive": "+1 open, -1 close (negated)",
+    "open-one": "1 open, 0 closed (OpenVLA's training data; thresholded at 0.5)",
+    "close-one": "0 open, 1 closed (mapped to 2g - 1)",
+}
+
+
+def server_to_libero(actions, convention: str) -> np.ndarray:
+    """(..., 7) actions whose gripper is in a SERVER_CONVENTIONS convention -> the same in LIBERO's."""
+    out = np.array(actions, dtype=np.float64, copy=True)
+    g = out[..., -1]
+    if convention == "open-positive":
+        out[..., -1] = -g
+    elif convention == "open-one":
+        out = postprocess(out, OPEN_IS_MINUS_1)
+    elif convention == "close-one":
+        out[..., -1] = 2.0 * g - 1.0
+    elif convention != "libero":
+        raise VlaBenchError(f"unknown server gripper convention {convention!r}; choices: {choices(SERVER_CONVENTIONS)}")
     return out

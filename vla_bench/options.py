@@ -67,6 +67,8 @@ def add_run_options(addoption: AddOption, prefix: str = "vla-") -> None:
               help="stop a task's episodes once no remaining outcome can change its verdict (exact)")
     addoption(f"--{prefix}sequential", type=int, default=0, metavar="LOOKS",
               help="group-sequential gate with LOOKS equally spaced looks: stops a task once a look decides")
+    addoption(f"--{prefix}strict-sim", action="store_true",
+              help="a settled scene that differs from the reference stack's fails the task (default: a warning)")
 
 
 def add_video_options(addoption: AddOption) -> None:

@@ -264,7 +264,15 @@ class LiberoTaskRunner:
         except VlaBenchError as e:
             pytest.fail(str(e), pytrace=False)
         self._record_properties(result)
+        if result.scene_mismatches and self.config.getoption("--vla-strict-sim"):
+            pytest.fail(self.describe_scene_mismatch(result), pytrace=False)
         return result
+
+    @staticmethod
+    def describe_scene_mismatch(result) -> str:
+        from .report import describe_scene_mismatch
+
+        return describe_scene_mismatch(result)
 
     def _record_properties(self, result) -> None:
         """The figures as JUnit XML properties (--junitxml), for CI systems."""
@@ -272,7 +280,8 @@ class LiberoTaskRunner:
         props = {"successes": result.successes, "episodes": result.episodes, "errors": result.errors,
                  "rate": round(result.rate, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
                  "threshold": None if result.threshold is None else result.threshold.as_plain(),
-                 "episodes_saved": result.saved}
+                 "episodes_saved": result.saved,
+                 "scene_mismatches": len(result.scene_mismatches)}
         if result.gate is not None:
             g = result.gate
             props.update({f"gate_{k}": getattr(g, k) for k in ("verdict", "baseline_rate", "candidate_rate",
@@ -317,6 +326,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         console.print(task_table(session.results))
     if session.proxy_results:
         console.print(proxy_table(session.proxy_results))
+    for result in session.results:
+        if result.scene_mismatches:
+            terminalreporter.write_line("WARNING " + LiberoTaskRunner.describe_scene_mismatch(result),
+                                        red=True, bold=True)
     if any(r.gate is not None for r in session.results):
         from .report import gate_table
 

@@ -17,6 +17,7 @@ from .suites import CLOSED_LOOP, SUITES, get_suite
 
 #: closed-loop suite name -> max control steps after the wait steps (a view of the suites registry, which holds them)
 MAX_STEPS = {name: s.max_steps for name, s in SUITES.items() if s.kind == CLOSED_LOOP}
+LIBERO_SUITES = tuple(MAX_STEPS)
 
 #: the action stepped during the wait steps while objects settle: no motion, gripper open (-1 = open in LIBERO)
 WAIT_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)

@@ -64,6 +64,13 @@ def describe_gate(result: TaskResult) -> str:
             f"(95% CI {g.difference_low:+.1%} to {g.difference_high:+.1%}), p = {g.pvalue:.4f} ({g.test})")
 
 
+def describe_scene_mismatch(result: TaskResult) -> str:
+    shown = "; ".join(result.scene_mismatches[:3]) + ("; ..." if len(result.scene_mismatches) > 3 else "")
+    return (f"{result.suite} {result.task_id} {result.checkpoint}: {len(result.scene_mismatches)} episode(s) "
+            f"started from a scene that differs from the reference simulator stack ({shown}); its scores are "
+            f"not comparable with published ones: run `vla-bench doctor` and see the README's validated stacks")
+
+
 def describe_figure(suite: str, checkpoint: str, figure) -> str:
     """One open-loop proxy figure as a sentence."""
     low, high = figure.interval

@@ -1,7 +1,8 @@
 """The results store: one SQLite row per episode, committed the moment the episode finishes.
 
 A row holds everything that can change a score: checkpoint name and content identity, suite, task, protocol (all
-of its numbers, and their hash), seed, init-state index, library versions, render backend and device. The resume
+of its numbers, and their hash), seed, init-state index, library versions, the renderer, the device and the verdict
+on the settled scene against the reference stack (envs/fingerprint.py). The resume
 key is (identity, suite, task, protocol key, init index): re-running skips what is already measured, so a killed
 run loses at most the episodes in flight. Rows whose episode hit a simulator error are not measurements; a re-run
 retries them.
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS episodes (
     device         TEXT NOT NULL,
     video          TEXT,
     created        REAL NOT NULL,
+    scene_check    TEXT,
     PRIMARY KEY (identity, suite, task_index, protocol_key, init_index)
 );
 CREATE TABLE IF NOT EXISTS proxy_figures (
@@ -78,9 +80,13 @@ class EpisodeRecord:
     device: str
     video: str | None = None
     created: float = dataclasses.field(default_factory=time.time)
+    #: the settled scene against the reference stack's fingerprint: 'match', 'mismatch: ...', 'unchecked: ...'
+    scene_check: str | None = None
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(EpisodeRecord)]
+#: columns added after the first release of the schema, with their SQL types
+_ADDED_COLUMNS = {"scene_check": "TEXT"}
 
 
 class ResultsStore:
@@ -91,6 +97,10 @@ class ResultsStore:
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(episodes)")}
+        for column, sql_type in _ADDED_COLUMNS.items():  # stores written before a column existed gain it, empty
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE episodes ADD COLUMN {column} {sql_type}")
 
     def add(self, record: EpisodeRecord) -> None:
         values = dataclasses.asdict(record)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .envs.vector import VectorLiberoEnv
-from .policies.base import Policy
+from .policies.base import Policy, SlotErrors
 from .protocol import Protocol
 
 
@@ -29,6 +29,7 @@ class EpisodeOutcome:
     error: str | None
     wall_s: float
     frames: list[np.ndarray] | None = None  # upright agentview frames, when recording
+    scene_check: str | None = None  # the settled scene's verdict against the reference stack
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ class _Running:
     obs: dict
     steps: int = 0
     frames: list | None = None
+    scene_check: str | None = None
 
 
 def upright_frame(obs: dict) -> np.ndarray:
@@ -56,7 +58,7 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
     def finish(slot: int, ep: _Running, success: bool, error: str | None = None) -> None:
         nonlocal stopped
         outcome = EpisodeOutcome(ep.init_index, ep.seed, success, ep.steps, error, time.perf_counter() - ep.started,
-                                 ep.frames)
+                                 ep.frames, ep.scene_check)
         if on_done(outcome):
             stopped = True
 
@@ -75,7 +77,8 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
             slots = []
             for slot, result in env.reset(requests).items():
                 init_index, seed = requests[slot]
-                ep = _Running(init_index, seed, starts[slot], result.obs, frames=[] if record_frames else None)
+                ep = _Running(init_index, seed, starts[slot], result.obs, frames=[] if record_frames else None,
+                              scene_check=result.scene_check)
                 if result.error:  # the episode could not even start: record it, give the slot the next one
                     finish(slot, ep, False, result.error)
                     slots.append(slot)
@@ -87,11 +90,18 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
     start(range(env.n))
     while running:
         slots = sorted(running)
-        actions = np.asarray(policy.act([running[s].obs for s in slots], [instruction] * len(slots), slots))
-        if actions.shape != (len(slots), 7):
-            raise ValueError(f"policy.act returned shape {actions.shape}, expected ({len(slots)}, 7)")
-        results = env.step({slot: actions[k] for k, slot in enumerate(slots)})
         freed = []
+        try:
+            actions = np.asarray(policy.act([running[s].obs for s in slots], [instruction] * len(slots), slots))
+            if actions.shape != (len(slots), 7):
+                raise ValueError(f"policy.act returned shape {actions.shape}, expected ({len(slots)}, 7)")
+            planned = {slot: actions[k] for k, slot in enumerate(slots)}
+        except SlotErrors as e:  # e.g. a remote server lost mid-episode: those episodes are errors, not failures
+            planned = {slot: a for slot, a in e.actions.items() if slot not in e.errors}
+            for slot, message in e.errors.items():
+                finish(slot, running.pop(slot), False, message)
+                freed.append(slot)
+        results = env.step(planned) if planned else {}
         for slot, result in results.items():
             ep = running[slot]
             ep.steps += 1
@@ -126,7 +136,7 @@ def rollout_in_workers(env: VectorLiberoEnv, protocol: Protocol, task_index: int
             outcome = EpisodeOutcome(init_index, seed, False, 0, result, 0.0)
         else:
             outcome = EpisodeOutcome(init_index, seed, result["success"], result["steps"], None, result["wall_s"],
-                                     result["frames"])
+                                     result["frames"], result["scene_check"])
         return bool(on_done(outcome))
 
     env.run_episodes(requests, on_result)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import VlaBenchError, choices
+from . import jpeg
 from .example_proto import ExampleParseError, parse_example, serialize_example
 from .tfrecord import iter_records_with_offsets, write_records
 
@@ -32,6 +33,7 @@ STEPS = "steps"
 _DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 _TFDS = "tensorflow_datasets.core.features."
 _PIL_FORMATS = {"jpeg": ["JPEG"], "png": ["PNG"]}
+_JPEG_MAGIC = b"\xff\xd8"  # start-of-image marker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,14 +310,17 @@ def _decode_feature(value, spec: FeatureSpec, steps: int | None, where: str):
 
 
 def _decode_image(blob: bytes, spec: FeatureSpec, where: str) -> np.ndarray:
+    channels = spec.shape[-1] if spec.shape else 3
     try:
+        if blob[:2] == _JPEG_MAGIC and channels in (1, 3):  # decoded as TensorFlow decodes it (data/jpeg.py)
+            array = jpeg.decode(blob, channels)
+            return array[..., None] if array.ndim == 2 else array
         # naming the format skips PIL's probing of every plugin; converting only when needed skips a copy
         formats = _PIL_FORMATS.get(spec.encoding or "")
         image = Image.open(io.BytesIO(blob), formats=formats)
-        channels = spec.shape[-1] if spec.shape else 3
         mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, "RGB")
         array = np.asarray(image if image.mode == mode else image.convert(mode))
-    except Exception as e:  # PIL raises several types for damaged images
+    except Exception as e:  # PIL and simplejpeg raise several types for damaged images
         raise VlaBenchError(f"image {spec.key!r} in {where} cannot be decoded: {e}") from e
     return array[..., None] if array.ndim == 2 else array
 

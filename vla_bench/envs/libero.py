@@ -9,6 +9,7 @@ import numpy as np
 
 from ..protocol import WAIT_ACTION, Protocol
 from . import rendering
+from .fingerprint import SceneCheck, scene_check
 from .tasks import init_states, suite_tasks
 
 
@@ -27,6 +28,7 @@ class LiberoTaskEnv:
         from libero.libero.envs.env_wrapper import ControlEnv  # not exported from libero.libero.envs
 
         self.protocol = protocol
+        self.task_index = task_index
         self.task = suite_tasks(protocol.suite)[task_index]
         self.init_states = init_states(protocol.suite, task_index)
         self.cameras = tuple(cameras)
@@ -39,6 +41,9 @@ class LiberoTaskEnv:
         self.env = ControlEnv(**kwargs)
         self.env.seed(protocol.env_seed)
         self._fixture_homes: list | None = None  # (body id, pos, quat) of each fixture in the model file
+        #: the verdict on the last evaluation reset's settled scene against the reference stack's fingerprint
+        self.scene_check: SceneCheck | None = None
+        self.renderer = rendering.renderer_name(self.backend) if cameras else f"{self.backend} (no cameras)"
 
     def reset(self, init_index: int, seed: int) -> dict:
         """Start the episode on init state `init_index` and step the protocol's wait steps."""
@@ -46,8 +51,10 @@ class LiberoTaskEnv:
             raise IndexError(f"{self.task.suite} {self.task.task_id} has {len(self.init_states)} init states, "
                              f"asked for {init_index}")
         self._reset_scene(seed)
-        obs = self.env.set_init_state(self.init_states[init_index])
-        return self._wait(obs)
+        obs = self._wait(self.env.set_init_state(self.init_states[init_index]))
+        # a few body poses against the shipped fingerprint: microseconds, so every episode carries its verdict
+        self.scene_check = scene_check(self, self.protocol, self.task_index, init_index)
+        return obs
 
     def reset_random(self, seed: int) -> tuple[dict, np.ndarray]:
         """Start from LIBERO's own random placement (for demonstrations, never the evaluation init states);

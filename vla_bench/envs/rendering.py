@@ -41,3 +41,22 @@ def check_available(backend: str) -> None:
     if ctypes.util.find_library(library) is None:
         raise VlaBenchError(f"MUJOCO_GL={backend} needs lib{library}, which is not installed: "
                             f"apt-get install {package}  (or set MUJOCO_GL to another backend: egl, osmesa)")
+
+
+def renderer_name(backend: str) -> str:
+    """'egl: Mesa/X.org llvmpipe (LLVM 15.0.6, 256 bits)', 'egl: NVIDIA Corporation NVIDIA H200/PCIe/SSE2', ...:
+    the GL backend and the driver that really draws, so that a CPU rasterizer and a GPU's EGL are told apart in
+    result rows and in `vla-bench doctor` (they draw the same scene with slightly different pixels)."""
+    try:
+        import mujoco
+        from OpenGL import GL
+
+        context = mujoco.GLContext(8, 8)
+        try:
+            context.make_current()
+            vendor, renderer = (GL.glGetString(k).decode(errors="replace") for k in (GL.GL_VENDOR, GL.GL_RENDERER))
+        finally:
+            context.free()
+        return f"{backend}: {vendor} {renderer}"
+    except Exception as e:  # no display, no GL library: name the backend alone, and why
+        return f"{backend} (renderer unknown: {type(e).__name__})"

@@ -27,6 +27,7 @@ class SlotResult:
     obs: dict | None
     done: bool = False
     error: str | None = None
+    scene_check: str | None = None  # after a reset: the settled scene's verdict (envs/fingerprint.py)
 
 
 def _run_episode(env, policy, init_index: int, seed: int, instruction: str, record_frames: bool) -> dict:
@@ -44,7 +45,8 @@ def _run_episode(env, policy, init_index: int, seed: int, instruction: str, reco
         steps += 1
         if record_frames:
             frames.append(upright_frame(obs))
-    return dict(success=success, steps=steps, wall_s=time.perf_counter() - started, frames=frames)
+    return dict(success=success, steps=steps, wall_s=time.perf_counter() - started, frames=frames,
+                scene_check=str(env.scene_check))
 
 
 def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privileged: bool, policy=None,
@@ -61,14 +63,15 @@ def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privilege
 
             torch.set_num_threads(1)
         observe = transform if transform is not None else (lambda obs: obs)
-        conn.send(("ready", env.backend))
+        conn.send(("ready", env.renderer))
         while True:
             command, *args = conn.recv()
             if command == "close":
                 break
             try:
                 if command == "reset":
-                    conn.send(("ok", SlotResult(observe(env.reset(*args)))))
+                    obs = env.reset(*args)
+                    conn.send(("ok", SlotResult(observe(obs), scene_check=str(env.scene_check))))
                 elif command == "step":
                     obs, done = env.step(args[0])
                     conn.send(("ok", SlotResult(observe(obs), done)))
@@ -96,7 +99,7 @@ class VectorLiberoEnv:
         self.args = (protocol, task_index, tuple(cameras), privileged, local_policy, observation_transform)
         self.ctx = mp.get_context("spawn")
         self.workers: list = [None] * n
-        self.backend = None
+        self.backend = None  # the renderer that draws, e.g. 'egl: NVIDIA Corporation NVIDIA H200/PCIe/SSE2'
         for slot in range(n):
             self._start(slot)
         for slot in range(n):

@@ -4,12 +4,12 @@ The reference trained on RLDS frames that were JPEG-compressed, resized with Ten
 224 and, for LIBERO, rotated by 180 degrees; its evaluation repeats those steps with TensorFlow, then optionally
 center-crops 90% of the area and resizes back with `tf.image.crop_and_resize`. Re-doing them with another library's
 resampler (PIL, OpenCV) shifts pixels by several levels, so the resize and the crop here re-implement TensorFlow's
-arithmetic (weights, spans, float32, rounding) on torch tensors; tests compare them against a float64 transcription
-of TensorFlow's scale_and_translate kernel.
+arithmetic (weights, spans, float32, rounding) on torch tensors, and the JPEG decode uses the fast integer IDCT as
+TensorFlow's does; tests/test_image_chain_tf.py compares the whole chain with TensorFlow's own output.
 
 Steps, each a function:
   flip_180        LIBERO's camera renders upside down; training frames were rotated, so evaluation rotates too
-  jpeg_roundtrip  encode/decode at TF's defaults (quality 95, 4:2:0 chroma), via PIL's libjpeg-turbo
+  jpeg_roundtrip  encode/decode as TF does (quality 95, 4:2:0 chroma, fast integer IDCT): data/jpeg.py
   resize          lanczos3 + antialias to 224, float32, then round-half-even, clip, uint8
   center_crop     sqrt(0.9) of each side, bilinear back to 224, TF's float <-> uint8 conversions
   to_pixel_values per-backbone mean/std, channels stacked as [DINOv2 RGB, SigLIP RGB] for fused models
@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+
+from ..data import jpeg
 
 #: the reference's LIBERO and Bridge image size and its center-crop area fraction
 IMAGE_SIZE = 224
 CROP_AREA = 0.9
-#: TensorFlow's tf.io.encode_jpeg default quality; its default chroma downsampling is 4:2:0 (PIL's default too)
-JPEG_QUALITY = 95
 _LANCZOS_RADIUS = 3.0
 
 
@@ -39,16 +37,10 @@ def flip_180(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[::-1, ::-1])
 
 
-def jpeg_roundtrip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
-    """Encode an HxWx3 uint8 frame as JPEG and decode it back, mimicking the RLDS storage of training frames.
-
-    Known residual difference: TensorFlow decodes with libjpeg's fast integer IDCT (JDCT_IFAST) and PIL with the
-    accurate one (JDCT_ISLOW); the two differ by a level or two on some pixels. Encoding settings are the same."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="JPEG", quality=quality,
-                                                                        subsampling="4:2:0")
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
+def jpeg_roundtrip(image: np.ndarray, quality: int = jpeg.QUALITY) -> np.ndarray:
+    """Encode an HxWx3 uint8 frame as JPEG and decode it back as TensorFlow does (see data/jpeg.py), mimicking the
+    RLDS storage of training frames and the reference evaluation's round trip."""
+    return jpeg.roundtrip(image, quality)
 
 
 def _lanczos3(x: np.ndarray) -> np.ndarray:

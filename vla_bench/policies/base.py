@@ -32,3 +32,16 @@ class Policy(Protocol):
 
     def act(self, observations: Sequence[dict], instructions: Sequence[str], slots: Sequence[int]) -> np.ndarray:
         """Return a (len(slots), 7) float array of actions for the given slots."""
+
+
+class SlotErrors(Exception):
+    """Raised by `act` when the actions of some slots could not be had (a remote server died or answered garbage):
+    each of those slots' episodes ends as an error (counted apart from failures, retried by the next run), and the
+    other slots step on with the actions computed for them.
+
+    errors: {slot: message naming what went wrong}; actions: {slot: (7,) action} for the slots that have one."""
+
+    def __init__(self, errors: dict[int, str], actions: dict[int, np.ndarray]):
+        super().__init__("; ".join(f"slot {s}: {m}" for s, m in sorted(errors.items())))
+        self.errors = dict(errors)
+        self.actions = dict(actions)

@@ -25,6 +25,7 @@ BUILTIN_KINDS = {
     "random": "vla_bench.policies.controls",
     "replay": "vla_bench.policies.replay",
     "openvla": "vla_bench.openvla.kind",
+    "remote": "vla_bench.policies.remote",
 }
 
 #: keys every entry may have, whatever its kind

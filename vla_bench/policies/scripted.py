@@ -71,7 +71,8 @@ def validate(spec, registry) -> None:
 
 def identity(spec, registry) -> str:
     # the expert's behaviour is its source plus the scene facts it reads, plus its options
-    files = [Path(__file__).resolve()] + ([_SCENE_SOURCE] if _SCENE_SOURCE.is_file() else [])
+    files = [Path(__file__).resolve()] + ([_SCENE_SOURCE] if _SCENE_SOURCE.is_file() else []) \
+        + sorted((Path(__file__).resolve().parent / "skills").glob("*.py"))
     return hash_files(files, extra={"kind": spec.kind, "options": dict(spec.options)})
 
 
@@ -358,6 +359,7 @@ class _Episode:
 
 def plan_tasks(scene, episode) -> list:
     """One skill per goal predicate that the expert knows how to achieve, in the BDDL order."""
+    from . import skills  # its modules import this one
     view = _View(scene)
     tasks = []
     for pred in scene["goal"]:
@@ -367,8 +369,11 @@ def plan_tasks(scene, episode) -> list:
                 tasks.append(_PickPlace(pred[1], pred[2], pred[0], episode))
         elif len(pred) == 2 and pred[0] == "turnon" and _knob_joint(scene, pred[1]) is not None:
             tasks.append(_TurnOn(pred[1], episode))
-    # switching something on is done first: the objects placed later would be in the hand's way
-    tasks.sort(key=lambda t: 0 if isinstance(t, _TurnOn) else 1)
+        else:
+            tasks.extend(skills.skills_for(pred, view, episode))
+    # switching something on is done first: the objects placed later would be in the hand's way; then the skills'
+    # own order (drawers opened before, closed after what goes in them)
+    tasks.sort(key=lambda t: 0 if isinstance(t, _TurnOn) else skills.order_key(t))
     return tasks
 
 

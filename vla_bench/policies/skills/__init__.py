@@ -1,0 +1,24 @@
+"""Skills of the scripted expert beyond pick-and-place and knobs (vla_bench/policies/scripted.py), one module each.
+
+A skill is a small state machine with `step(obs, view) -> action or None` (None: done) and a `phase` string; the
+expert's plan (scripted.plan_tasks) asks `skills_for(predicate, view, episode)` for the skills of each goal predicate
+that scripted.py itself does not handle.
+"""
+from __future__ import annotations
+
+
+def skills_for(pred, view, episode) -> list:
+    """The skills that achieve one BDDL goal predicate (lower case), or [] when none knows how."""
+    from .drawer import drawer_skill
+
+    skill = drawer_skill(pred, view, episode)
+    return [skill] if skill is not None else []
+
+
+#: the order skills run in, by kind: what changes the scene's layout for the rest runs first (a drawer opened before
+#: something is put in it), what closes it last
+ORDER = {"open": 1, "close": 3}
+
+
+def order_key(skill) -> int:
+    return ORDER.get(getattr(skill, "want", None), 2)

@@ -171,3 +171,26 @@ def test_k_selects_task_words_exactly_and_suite_names_as_usual():
     assert ids == ["libero_goal_lan-task1-noop", "libero_goal_lan-task10-noop"]
     _, ids = collected("-k", "_swap and task2")
     assert ids == [f"{base}_swap-task2-noop" for base in ROBUSTNESS_BASES]
+
+
+def test_equal_rates_show_no_drop_and_no_minus_sign():
+    d = robustness_drop(outcomes([True] * 3), outcomes([True] * 3, start=10), paired=False)
+    assert math.copysign(1.0, d.drop) == 1.0 and f"{d.drop:+.1%}" == "+0.0%"
+    assert d.low == pytest.approx(-d.high)
+
+
+# ---- end to end ------------------------------------------------------------------------------------------------
+def test_a_robustness_case_runs_both_tasks_and_reports_the_drop(tmp_path):
+    """One expert episode of libero_spatial_lan task1 and of libero_spatial task1 (no cameras): both succeed, the
+    summary shows the robustness row, and the JUnit properties carry the drop."""
+    junit = tmp_path / "junit.xml"
+    result = run_pytest("suites/libero_pro", "-k", "libero_spatial_lan and task1", "--checkpoint", "expert",
+                        "--episodes", "1", "--vla-workers", "1", "--vla-results", str(tmp_path / "r.sqlite"),
+                        f"--junitxml={junit}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "robustness (LIBERO-PRO)" in output
+    row = next(line for line in output.splitlines() if "│ lan" in line)
+    assert "libero_spatial" in row and "100.0% (1/1)" in row and "+0.0%" in row and "unpaired" in row
+    xml = junit.read_text()
+    assert 'name="base_rate" value="1.0"' in xml and 'name="drop" value="0.0"' in xml

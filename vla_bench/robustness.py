@@ -41,9 +41,10 @@ def robustness_drop(base: TaskOutcomes, perturbed: TaskOutcomes, paired: bool,
     use_pairs = bool(paired) and can_pair(base, perturbed)
     v = compare_task(base, perturbed, paired=use_pairs, confidence=confidence)
     # compare_task reports candidate - baseline; the drop is its negation, and so is its interval, ends swapped
+    # (+ 0.0 turns a negated 0 into 0, which tables would print as "-0.0%")
     return Drop(base_rate=v.baseline_rate, base_episodes=v.baseline_episodes, perturbed_rate=v.candidate_rate,
-                perturbed_episodes=v.candidate_episodes, drop=-v.difference, low=-v.difference_high,
-                high=-v.difference_low, paired=use_pairs, pvalue=v.pvalue, test=v.test)
+                perturbed_episodes=v.candidate_episodes, drop=-v.difference + 0.0, low=-v.difference_high + 0.0,
+                high=-v.difference_low + 0.0, paired=use_pairs, pvalue=v.pvalue, test=v.test)
 
 
 def init_states_pair(base_states, perturbed_states) -> bool:

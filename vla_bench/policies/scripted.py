@@ -366,7 +366,9 @@ def plan_tasks(scene, episode) -> list:
         if len(pred) == 3 and pred[0] in ("on", "in") and pred[1] in view.names:
             i = view.index(pred[1])
             if not scene["is_fixture"][i]:
-                tasks.append(_PickPlace(pred[1], pred[2], pred[0], episode))
+                tasks.extend(skills.prerequisites(pred, view, episode))
+                tasks.append(skills.instead_of_pick(pred, view, episode) or _PickPlace(pred[1], pred[2], pred[0],
+                                                                                       episode))
         elif len(pred) == 2 and pred[0] == "turnon" and _knob_joint(scene, pred[1]) is not None:
             tasks.append(_TurnOn(pred[1], episode))
         else:

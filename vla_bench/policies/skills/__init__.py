@@ -15,6 +15,25 @@ def skills_for(pred, view, episode) -> list:
     return [skill] if skill is not None else []
 
 
+def instead_of_pick(pred, view, episode):
+    """A skill that achieves On/In(X, Y) better than picking X up (pushing a plate), or None."""
+    from .push import push_skill
+
+    return push_skill(pred, view, episode)
+
+
+def prerequisites(pred, view, episode) -> list:
+    """Skills that must run before pick-and-place can achieve `pred`: In(X, a drawer's region) needs the drawer open
+    (LIBERO-Goal's "open the top drawer and put the bowl inside" states only the In)."""
+    from .drawer import drawer_skill
+
+    if len(pred) == 3 and pred[0] == "in" and pred[2] in view.s["site_joints"]:
+        skill = drawer_skill(["open", pred[2]], view, episode)
+        if skill is not None and not skill.reached(view):
+            return [skill]
+    return []
+
+
 #: the order skills run in, by kind: what changes the scene's layout for the rest runs first (a drawer opened before
 #: something is put in it), what closes it last
 ORDER = {"open": 1, "close": 3}

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..scripted import CLOSE, OPEN, POS_GAIN, ROT_GAIN, _View, axis_angle, quat_xyzw_to_mat, world_aabbs
+from ..scripted import (CLOSE, OPEN, POS_GAIN, R_DOWN, ROT_GAIN, _View, axis_angle, choose_yaw, hand_clearance, hand_yaw,
+                        move_action, quat_xyzw_to_mat, rot_z, world_aabbs, yaw_for_axis)
 
 HAND_REACH = 0.105  # how far the hand reaches along its finger axis from the grip site (m)
 PREGRASP = 0.10  # the hand waits this far in front of the handle before going in (m)
 RETREAT = 0.08
 OVERSHOOT = 0.03
-MOVE_STEP = 0.05  # the pull / push target runs at most this far ahead of the handle (m)  # the pull / push aims this far past the threshold (the joint's limit stops it)
+PUSH_OFFSET = 0.022  # to close, the downward hand's grip site stops this far in front of the handle's centre (m)
+MOVE_STEP = 0.05  # the pull / push target runs at most this far ahead of the handle (m)
 
 
 def drawer_skill(pred, view: _View, episode):
@@ -84,9 +86,13 @@ class _Drawer:
     def __init__(self, region: str, joint: str, want: str, ranges, episode):
         self.region, self.joint, self.want, self.ranges, self.ep = region, joint, want, ranges, episode
         self.phase, self.t, self.attempts = "plan", 0, 0
+        self.finger_sign: float | None = None
 
     def _go(self, phase):
         self.phase, self.t = phase, 0
+
+    def reached(self, v: _View) -> bool:
+        return is_reached(v.s["articulations"][self.joint]["qpos"], self.want, self.ranges)
 
     def _handle(self, v: _View, d_open):
         """The drawer's handle bar: the geom of the drawer body that reaches farthest along the opening direction."""
@@ -104,6 +110,16 @@ class _Drawer:
         lo, hi = world_aabbs(*v.boxes(mask))
         return float(hi[:, 2].max()) + HAND_REACH + 0.02
 
+    def _push_point(self, v: _View, handle, d_open) -> np.ndarray:
+        """Where the closed fingertips of the downward hand push the handle: just in front of it, shifted along the
+        bar to whichever of three points leaves the hand farthest from the movable objects (a bottle beside the
+        drawer)."""
+        bar = np.cross([0.0, 0.0, 1.0], d_open)
+        movable = ~np.asarray(v.s["is_fixture"], dtype=bool)
+        obstacles = v.boxes(movable[np.asarray(v.s["geom_owner"])])
+        options = [handle + d_open * PUSH_OFFSET + bar * k for k in (0.0, -0.025, 0.025)]
+        return max(options, key=lambda point: min(hand_clearance(point, bar, *obstacles), 0.03))
+
     def step(self, obs, v: _View):
         self.t += 1
         art = v.s["articulations"][self.joint]
@@ -114,19 +130,60 @@ class _Drawer:
         d_open[2] = 0.0
         d_open /= np.linalg.norm(d_open)
         eef = np.asarray(obs["robot0_eef_pos"], dtype=float)
-        opening = self.want == "open"
-        fingers = np.array([0.0, 0.0, 1.0]) if opening else np.cross([0.0, 0.0, 1.0], d_open)
-        R_target = hand_frame(-d_open, fingers)
-        grip = OPEN if opening else CLOSE
         handle = self._handle(v, d_open)
-
         if self.phase == "plan":
             if is_reached(q, self.want, self.ranges):
                 return None
             self.attempts += 1
             if self.attempts > self.MAX_ATTEMPTS:
                 return None
+            if self.want == "close":
+                self.push_at = self._push_point(v, handle, d_open) - handle
+                R = quat_xyzw_to_mat(obs["robot0_eef_quat"])
+                self.yaw = choose_yaw(yaw_for_axis(np.cross([0.0, 0.0, 1.0], d_open)), hand_yaw(R),
+                                      float(obs["robot0_joint_pos"][6]), np.asarray(v.s["robot_base"])[:2],
+                                      eef[:2], (handle + self.push_at)[:2])
             self._go("reorient")
+        if self.want == "open":
+            return self._open(obs, v, q, sign, d_open, eef, handle)
+        return self._close(obs, q, d_open, eef, handle)
+
+    def _close(self, obs, q, d_open, eef, handle):
+        """Push the handle back with the closed fingertips of the downward hand."""
+        point = handle + self.push_at
+        if self.phase == "reorient":
+            target = point + np.array([0.0, 0.0, 0.10])
+            if np.linalg.norm(target[:2] - eef[:2]) > 0.04:
+                target[2] = max(target[2], eef[2])  # go over, then down
+            if np.linalg.norm(target - eef) < 0.015 or self.t > 80:
+                self._go("lower")
+            return move_action(obs, target, self.yaw, CLOSE)
+        if self.phase == "lower":
+            if np.linalg.norm(point - eef) < 0.008 or self.t > 40:
+                self._go("move")
+            return move_action(obs, point, self.yaw, CLOSE)
+        if self.phase == "move":
+            lost = float(np.linalg.norm((eef - point)[:2])) > 0.03
+            if is_reached(q, "close", self.ranges) or self.t > 80 or lost:
+                self.retreat_to = eef + np.array([0.0, 0.0, 0.10])
+                self._go("retreat")
+            edge = self.ranges["default_close_ranges"]
+            goal = min(edge) if open_sign(self.ranges) > 0 else max(edge)
+            remaining = abs(goal - q) + OVERSHOOT
+            return move_action(obs, point - d_open * min(remaining, MOVE_STEP), self.yaw, CLOSE)
+        if self.phase == "retreat":
+            if self.t >= 10:
+                self._go("plan")  # done, or another attempt if the joint is not there yet
+            return move_action(obs, self.retreat_to, self.yaw, CLOSE)
+        raise AssertionError(f"unknown phase {self.phase}")
+
+    def _open(self, obs, v, q, sign, d_open, eef, handle):
+        """Grasp the handle bar from the front with the hand turned horizontal, fingers vertical, and pull."""
+        fingers = np.array([0.0, 0.0, 1.0])
+        # the fingers are symmetric under a half turn about the approach axis: of the two frames, the nearer one
+        if self.finger_sign is None:
+            self.finger_sign = min((1.0, -1.0), key=lambda k: rotation_error(obs, hand_frame(-d_open, k * fingers)))
+        R_target = hand_frame(-d_open, self.finger_sign * fingers)
         if self.phase == "reorient":
             # turn and travel above everything (the turned hand reaches HAND_REACH below the grip site), then
             # come down in front of the handle
@@ -134,33 +191,29 @@ class _Drawer:
             target[2] = max(target[2], self._clear_height(v))
             if (np.linalg.norm(target - eef) < 0.015 and rotation_error(obs, R_target) < 0.1) or self.t > 80:
                 self._go("lower")
-            return pose_action(obs, target, R_target, grip)
+            return pose_action(obs, target, R_target, OPEN)
         if self.phase == "lower":
             target = handle + d_open * PREGRASP
             if np.linalg.norm(target - eef) < 0.01 or self.t > 40:
                 self._go("insert")
-            return pose_action(obs, target, R_target, grip)
-        if self.phase == "insert":
-            # to open: the grip site onto the bar; to close: the closed fingertips against it
-            target = handle - d_open * 0.004 if opening else handle + d_open * 0.01
+            return pose_action(obs, target, R_target, OPEN)
+        if self.phase == "insert":  # the grip site onto the bar, a little past its centre
+            target = handle - d_open * 0.004
             if np.linalg.norm(target - eef) < 0.004 or self.t > 30:
-                self._go("grip" if opening else "move")
-            return pose_action(obs, target, R_target, grip)
+                self._go("grip")
+            return pose_action(obs, target, R_target, OPEN)
         if self.phase == "grip":
             if self.t >= 10:
-                self.q_start = q
                 self._go("move")
             return pose_action(obs, handle, R_target, CLOSE)
         if self.phase == "move":
             # the hand follows the handle (not its own position): a grip that slips shows as a growing gap
-            lost = float(np.linalg.norm((eef - handle)[[0, 1]] if not opening else eef - handle)) > 0.03
-            if is_reached(q, self.want, self.ranges) or self.t > 80 or lost:
+            lost = float(np.linalg.norm(eef - handle)) > 0.03
+            if is_reached(q, "open", self.ranges) or self.t > 80 or lost:
                 self._go("release")
-            edge = self.ranges["default_open_ranges" if opening else "default_close_ranges"]
-            goal = (max(edge) if sign > 0 else min(edge)) if opening else (min(edge) if sign > 0 else max(edge))
-            remaining = abs(goal - q) + OVERSHOOT
-            direction = d_open if opening else -d_open
-            return pose_action(obs, handle + direction * min(remaining, MOVE_STEP), R_target, CLOSE)
+            edge = self.ranges["default_open_ranges"]
+            remaining = abs((max(edge) if sign > 0 else min(edge)) - q) + OVERSHOOT
+            return pose_action(obs, handle + d_open * min(remaining, MOVE_STEP), R_target, CLOSE)
         if self.phase == "release":
             if self.t >= 6:
                 self.retreat_to = eef + d_open * RETREAT
@@ -168,7 +221,16 @@ class _Drawer:
             return pose_action(obs, eef, R_target, OPEN)
         if self.phase == "retreat":
             if self.t >= 12:
-                self._go("plan")  # done, or another attempt if the joint is not there yet
-                return pose_action(obs, self.retreat_to, R_target, OPEN)
+                self._go("restore")
             return pose_action(obs, self.retreat_to, R_target, OPEN)
+        if self.phase == "restore":
+            # point the hand down again before the next skill: its controllers assume a downward hand, and turning
+            # while they move would lift the hand (their "go over, then down" keeps the highest point reached)
+            # of the two downward frames (fingers along the slide), the one nearer the reset yaw: the other can leave
+            # joint 7 near its limit for the next skill
+            yaw = min((yaw_for_axis(k * d_open) for k in (1.0, -1.0)), key=abs)
+            R_down = rot_z(yaw) @ R_DOWN
+            if rotation_error(obs, R_down) < 0.3 or self.t > 20:
+                self._go("plan")  # done, or another attempt if the joint is not there yet
+            return pose_action(obs, self.retreat_to, R_down, OPEN)
         raise AssertionError(f"unknown phase {self.phase}")

@@ -194,3 +194,35 @@ def test_a_robustness_case_runs_both_tasks_and_reports_the_drop(tmp_path):
     assert "libero_spatial" in row and "100.0% (1/1)" in row and "+0.0%" in row and "unpaired" in row
     xml = junit.read_text()
     assert 'name="base_rate" value="1.0"' in xml and 'name="drop" value="0.0"' in xml
+
+
+def test_families_share_one_unperturbed_run_per_task(tmp_path, checkpoints_file, monkeypatch):
+    """evaluate_robustness runs the base task once per (checkpoint, task) however many families use it, and pairs
+    nothing when the variant's init states differ from the base suite's (LIBERO-PRO's own samples)."""
+    from vla_bench.evaluate import TaskResult
+    from vla_bench.results import ResultsStore
+    from vla_bench.session import EvalSession
+
+    registry = Registry.load(checkpoints_file('default = "a"\n[thresholds.libero_pro]\ndefault = 0.5\n'
+                                              '[checkpoints.a]\nkind = "noop"\n'))
+    session = EvalSession(registry, ResultsStore(tmp_path / "r.sqlite"), episodes=4)
+    calls = []
+
+    def fake_evaluate(spec, suite, task_index, progress=None):
+        calls.append(suite)
+        wins = {"libero_goal": [True] * 4}.get(suite, [True, False, False, False])
+        result = TaskResult(spec.name, suite, task_index, sum(wins), 4, 0, None, 0.0, 0.5,
+                            _outcomes=dict(enumerate(wins)))
+        session.results.append(result)
+        return result
+
+    monkeypatch.setattr(session, "evaluate", fake_evaluate)
+    lan = session.evaluate_robustness(registry.get("a"), "libero_goal_lan", 0)
+    swap = session.evaluate_robustness(registry.get("a"), "libero_goal_swap", 0)
+    assert calls == ["libero_goal", "libero_goal_lan", "libero_goal_swap"]
+    assert lan.base is swap.base and [r.suite for r in session.results].count("libero_goal") == 1
+    assert (lan.drop.drop, lan.drop.paired) == (0.75, False) and lan.passed is False
+    assert (lan.family, lan.base_suite, lan.task_id) == ("lan", "libero_goal", "task1")
+    assert session.robustness_results == [lan, swap]
+    with pytest.raises(VlaBenchError, match="not a robustness suite"):
+        session.evaluate_robustness(registry.get("a"), "libero_goal", 0)

@@ -45,6 +45,7 @@ class EvalSession:
         self.results: list[TaskResult] = []
         self.proxy_results: dict[tuple[str, str], object] = {}  # (checkpoint, suite) -> OpenLoopResult
         self.robustness_results: list = []  # RobustnessResult, one per (checkpoint, robustness suite, task)
+        self._unperturbed: dict[tuple[str, str, int], TaskResult] = {}  # (checkpoint, base suite, task) -> result
         self.data_overrides: dict[str, str] = {}  # suite -> dataset path (--vla-data)
 
     def protocol(self, suite: str) -> Protocol:
@@ -94,7 +95,10 @@ class EvalSession:
             raise VlaBenchError(f"{suite!r} is not a robustness suite")
         base = split[0]
         progress_for = progress_for or (lambda _suite: None)
-        base_result = self.evaluate(spec, base, task_index, progress_for(base))
+        key = (spec.name, base, task_index)
+        if key not in self._unperturbed:  # families share their base task: run and list it once per session
+            self._unperturbed[key] = self.evaluate(spec, base, task_index, progress_for(base))
+        base_result = self._unperturbed[key]
         perturbed = self.evaluate(spec, suite, task_index, progress_for(suite))
         planned = self.protocol(suite).episodes
         paired = init_states_pair(init_states(base, task_index)[:planned], init_states(suite, task_index)[:planned])

@@ -101,6 +101,7 @@ def test_only_flat_wide_objects_going_to_a_table_region_are_pushed():
 
 
 # ---- closed loop -----------------------------------------------------------------------------------------------
+@pytest.mark.sim
 @pytest.mark.parametrize("suite, task", [("libero_goal", "task1")])
 def test_the_expert_solves_the_newly_solved_tasks(tmp_path, suite, task):
     """Two episodes of each task a new skill solves (libero_goal task1: open the middle drawer), no cameras."""

@@ -180,6 +180,7 @@ def test_equal_rates_show_no_drop_and_no_minus_sign():
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
+@pytest.mark.sim
 def test_a_robustness_case_runs_both_tasks_and_reports_the_drop(tmp_path):
     """One expert episode of libero_spatial_lan task1 and of libero_spatial task1 (no cameras): both succeed, the
     summary shows the robustness row, and the JUnit properties carry the drop."""

@@ -110,3 +110,9 @@ def test_the_expert_solves_the_newly_solved_tasks(tmp_path, suite, task):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert re.search(rf"{suite}\s+│\s+{task}\s+│\s+expert\s+│\s+2/2", output), output
+
+
+def test_things_go_into_a_drawer_towards_its_open_side():
+    view = _View(scene())  # the drawer's slide axis is -y and it opens towards negative joint positions: +y
+    assert np.allclose(skills.place_offset("cabinet_1_drawer_region", view), [0.0, skills.DRAWER_FRONT_BIAS])
+    assert skills.place_offset("front_region", view) is None

@@ -534,6 +534,11 @@ class _PickPlace:
         if self.dest in v.s["sites"]:
             site = v.s["sites"][self.dest]
             xy = np.asarray(site["pos"][:2], dtype=float)
+            from . import skills
+
+            shift = skills.place_offset(self.dest, v)  # a drawer: towards its open side
+            if shift is not None:
+                xy = xy + shift
         else:
             xy = v.s["pos"][v.index(self.dest)][:2].astype(float)
         c, m, h = v.boxes(~v.own(i))

@@ -34,6 +34,19 @@ def prerequisites(pred, view, episode) -> list:
     return []
 
 
+def place_offset(dest: str, view):
+    """A shift (world xy, m) of where pick-and-place puts an object In `dest`: towards the open side of a drawer,
+    whose region site is the centre of the whole drawer, though only its front part is out of the cabinet (a bowl
+    placed at the centre rests against the face above and jams the drawer when it is pushed closed)."""
+    from .drawer import drawer_opening
+
+    d_open = drawer_opening(dest, view)
+    return None if d_open is None else d_open[:2] * DRAWER_FRONT_BIAS
+
+
+DRAWER_FRONT_BIAS = 0.02  # m: the bowl's rim then clears the cabinet's face by ~2 cm and its front wall by ~1 cm
+
+
 #: the order skills run in, by kind: what changes the scene's layout for the rest runs first (a drawer opened before
 #: something is put in it), what closes it last
 ORDER = {"open": 1, "close": 3}

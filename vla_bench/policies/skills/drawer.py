@@ -22,6 +22,7 @@ RETREAT = 0.08
 HOME = (-0.2, 0.0, 1.17)  # the grip site at LIBERO's reset pose (m)
 OVERSHOOT = 0.03
 PUSH_OFFSET = 0.022  # to close, the downward hand's grip site stops this far in front of the handle's centre (m)
+PUSH_ABOVE = 0.015  # and this far above it: the forearm, above the hand, then clears the cabinet's top edge
 MOVE_STEP = 0.05  # the pull / push target runs at most this far ahead of the handle (m)
 
 
@@ -38,6 +39,20 @@ def drawer_skill(pred, view: _View, episode):
     if not ranges.get("default_open_ranges") or not ranges.get("default_close_ranges"):
         return None
     return _Drawer(pred[1], joints[0], pred[0], ranges, episode)
+
+
+def drawer_opening(region: str, view: _View):
+    """The horizontal unit direction in which the drawer of `region` opens, or None when it is not a drawer's."""
+    joints = view.s["site_joints"].get(region, [])
+    arts = view.s["articulations"]
+    if len(joints) != 1 or arts[joints[0]]["type"] != "slide":
+        return None
+    ranges = view.s["articulation_ranges"].get(arts[joints[0]]["owner"], {})
+    if not ranges.get("default_open_ranges") or not ranges.get("default_close_ranges"):
+        return None
+    d = open_sign(ranges) * np.asarray(arts[joints[0]]["axis"], dtype=float)
+    d[2] = 0.0
+    return d / np.linalg.norm(d)
 
 
 def open_sign(ranges) -> float:
@@ -118,7 +133,8 @@ class _Drawer:
         bar = np.cross([0.0, 0.0, 1.0], d_open)
         movable = ~np.asarray(v.s["is_fixture"], dtype=bool)
         obstacles = v.boxes(movable[np.asarray(v.s["geom_owner"])])
-        options = [handle + d_open * PUSH_OFFSET + bar * k for k in (0.0, -0.025, 0.025)]
+        up = np.array([0.0, 0.0, PUSH_ABOVE])
+        options = [handle + d_open * PUSH_OFFSET + bar * k + up for k in (0.0, -0.025, 0.025)]
         return max(options, key=lambda point: min(hand_clearance(point, bar, *obstacles), 0.03))
 
     def step(self, obs, v: _View):

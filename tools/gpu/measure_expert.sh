@@ -10,7 +10,8 @@
 set -uo pipefail
 out=${1:?output folder}; workers=${2:-16}
 mkdir -p "$out"
-[ -f tools/gpu/setup_host.sh ] && [ -d .bundle ] && . tools/gpu/setup_host.sh
+# on the GPU host (the simulator bundle is there): unpack it and load the plugin by name
+[ -f .bundle/sim312.tar.xz ] && . tools/gpu/setup_host.sh
 export OPENBLAS_NUM_THREADS=1 MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
 py=${PYTHON:-python3}
 results="$out/expert.sqlite"

@@ -56,6 +56,25 @@ def proxy_table(results: dict, title: str = "vla-bench: open-loop proxy metrics"
     return table
 
 
+def robustness_table(results, title: str = "vla-bench: robustness (LIBERO-PRO)") -> Table:
+    """Per (robustness suite, task, checkpoint): the unperturbed and perturbed rates of the same checkpoint and the
+    drop between them with its 95% interval (paired by init state where the init states are the same)."""
+    table = Table(title=title, title_justify="left")
+    for column in ("family", "suite", "task", "checkpoint", "unperturbed", "perturbed", "drop [95% CI]", "p (drop)",
+                   "pairing", "threshold", "verdict"):
+        table.add_column(column, justify="left" if column in ("family", "suite", "task", "checkpoint", "pairing")
+                         else "right", no_wrap=True)
+    for r in results:
+        d = r.drop
+        table.add_row(r.family, r.base_suite, r.task_id, r.checkpoint,
+                      f"{r.base.rate:.1%} ({r.base.successes}/{r.base.episodes})",
+                      f"{r.perturbed.rate:.1%} ({r.perturbed.successes}/{r.perturbed.episodes})",
+                      f"{d.drop:+.1%} [{d.low:+.1%}, {d.high:+.1%}]", f"{d.pvalue:.4f}",
+                      "paired" if d.paired else "unpaired", format_threshold(r.perturbed.threshold),
+                      verdict_text(r.passed))
+    return table
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 

@@ -50,7 +50,19 @@ default = "expert"
 [thresholds.libero_spatial]
 default = 0.9
 
+[thresholds.libero_object]
+default = 0.9
+
+[thresholds.libero_goal]
+default = 0.9
+
+[thresholds.libero_10]
+default = 0.9
+
 [thresholds.libero_90]
+default = 0.9
+
+[thresholds.libero_pro]
 default = 0.9
 
 [checkpoints.expert]
@@ -97,6 +109,14 @@ def test_metric(proxy_metric):
 '''
 
 
+ROBUSTNESS_MODULE = '''
+def test_task(libero_pro_task):
+    result = libero_pro_task.evaluate()
+    assert result.passed, libero_pro_task.describe(result)
+    assert not libero_pro_task.gate_failed(result.perturbed), libero_pro_task.describe_gate(result.perturbed)
+'''
+
+
 class Project:
     """A temporary project laid out as users lay theirs out: suites/<suite>/test_<suite>.py and checkpoints.toml."""
 
@@ -107,7 +127,10 @@ class Project:
     def suite(self, name: str) -> "Project":
         from vla_bench.suites import get_suite
 
-        template = CLOSED_LOOP_MODULE if get_suite(name).closed_loop else OPEN_LOOP_MODULE
+        if name == "libero_pro":  # every robustness variant, in one module (the shipped suites/libero_pro)
+            template = ROBUSTNESS_MODULE
+        else:
+            template = CLOSED_LOOP_MODULE if get_suite(name).closed_loop else OPEN_LOOP_MODULE
         self.pytester.makepyfile(**{f"suites/{name}/test_{name}": template.format(suite=name)})
         return self
 
@@ -133,7 +156,9 @@ def project(pytester, monkeypatch) -> Project:
             monkeypatch.setenv(key, value)
     monkeypatch.setenv("LIBERO_CONFIG_PATH", _LIBERO_CONFIG)
     made = Project(pytester)
-    for suite in ("libero_spatial", "libero_90", "bridge_v2"):
+    from vla_bench.suites import LIBERO_SUITES, OPEN_LOOP, suite_names
+
+    for suite in (*LIBERO_SUITES, *suite_names(OPEN_LOOP), "libero_pro"):
         made.suite(suite)
     made.checkpoints(PROJECT_TOML)
     return made

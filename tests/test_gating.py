@@ -59,7 +59,7 @@ def test_save_then_compare_in_pytest_and_a_mismatched_protocol_stops_before_any_
     data = json.loads((tmp_path / "b" / "noop-base.json").read_text())
     assert data["tasks"] == {"task1": {"0": False, "1": False}} and data["protocol"]["max_steps"] == 8, saved.stdout
     compared = project.run(*common, "--max-steps", "8", "--vla-compare", "noop-base",
-                          "--junitxml", str(tmp_path / "gate.xml"))
+                           "--junitxml", str(tmp_path / "gate.xml"))
     assert "regression gate" in compared.stdout and "INCONCLUSIVE" in compared.stdout
     # CI systems (and scripts/e2e_finetune.py) read the verdict from the JUnit properties
     junit = (tmp_path / "gate.xml").read_text()

@@ -69,7 +69,7 @@ def _ids_with_outcome(stdout: str, outcome: str) -> set[str]:
 
 def test_expert_passes_task1_and_the_negative_control_fails_it(project, tmp_path):
     result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoint", "expert", "--checkpoint", "noop",
-                        "--episodes", "4", "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
+                         "--episodes", "4", "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
     assert _ids_with_outcome(result.stdout, "PASSED") == {"task1-expert"}, result.stdout[-3000:]
     assert _ids_with_outcome(result.stdout, "FAILED") == {"task1-noop"}
     assert "4/4" in result.stdout and "0/4" in result.stdout  # the summary table's successes column
@@ -99,7 +99,8 @@ def test_a_killed_run_resumes_with_finished_episodes_skipped(project, tmp_path):
     proc.wait()
     before = _rows(db)
     assert 2 <= len(before) < 6, before
-    result = subprocess.run(args + ["-rA"], cwd=project.path, env=sim_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args + ["-rA"], cwd=project.path, env=sim_env(), capture_output=True, text=True,
+                            timeout=600)
     after = _rows(db)
     assert [i for i, _ in after] == list(range(6)), result.stdout[-2000:]
     assert dict(after).items() >= dict(before).items()  # the finished rows were kept, not re-run
@@ -110,8 +111,8 @@ def test_video_is_written_per_episode_and_decodes(project, tmp_path):
     import imageio.v3 as iio
 
     result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "1",
-                        "--max-steps", "5", "--video", "all", "--video-dir", str(tmp_path / "videos"),
-                        "--vla-results", str(tmp_path / "r.sqlite"))
+                         "--max-steps", "5", "--video", "all", "--video-dir", str(tmp_path / "videos"),
+                         "--vla-results", str(tmp_path / "r.sqlite"))
     videos = sorted((tmp_path / "videos").rglob("*.mp4"))
     assert [v.relative_to(tmp_path / "videos").as_posix() for v in videos] == \
         ["noop/libero_spatial/task1/episode000-failure.mp4"], result.stdout[-2000:]

@@ -41,8 +41,8 @@ split = "train"
 def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode(project, tiny_checkpoints, tmp_path):
     db = tmp_path / "r.sqlite"
     result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoints-file", str(tiny_checkpoints),
-                        "--checkpoint", "tiny", "--checkpoint", "tiny-lora", "--episodes", "2", "--max-steps", "4",
-                        "--vla-results", str(db), "-rA")
+                         "--checkpoint", "tiny", "--checkpoint", "tiny-lora", "--episodes", "2", "--max-steps", "4",
+                         "--vla-results", str(db), "-rA")
     # judged (passed or failed on its threshold), never errored
     assert result.returncode in (0, 1), result.stdout[-3000:]
     assert not [line for line in result.stdout.splitlines() if line.startswith("ERROR")], result.stdout[-3000:]
@@ -55,7 +55,7 @@ def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode
 
 def test_tiny_openvla_runs_the_bridge_proxy_suite(project, tiny_checkpoints, tmp_path):
     result = project.run("suites/bridge_v2", "--checkpoints-file", str(tiny_checkpoints), "--checkpoint", "tiny",
-                        "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
+                         "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
     outcomes = [line for line in result.stdout.splitlines() if "test_metric[" in line
                 and line.split()[0] in ("PASSED", "FAILED")]
     assert len(outcomes) == 5, result.stdout[-3000:]  # five gated metrics, judged, none errored

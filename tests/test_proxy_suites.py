@@ -16,7 +16,7 @@ def outcomes(stdout: str, word: str) -> set[str]:
 def test_replay_passes_every_check_and_noop_fails_every_check(project, tmp_path):
     db = tmp_path / "r.sqlite"
     result = project.run("suites/bridge_v2", "--checkpoint", "replay", "--checkpoint", "noop", "-rA",
-                        "--vla-results", str(db))
+                         "--vla-results", str(db))
     metrics = {"sign_accuracy", "correlation", "gripper_accuracy", "diversity", "success_proxy_rate"}
     assert outcomes(result.stdout, "PASSED") == {f"{m}-replay" for m in metrics}, result.stdout[-3000:]
     assert outcomes(result.stdout, "FAILED") == {f"{m}-noop" for m in metrics}
@@ -38,7 +38,7 @@ def test_default_checkpoints_of_the_suite_come_from_its_dataset_table(project):
 
 def test_a_missing_dataset_names_the_path_and_how_to_set_it(project, tmp_path):
     result = project.run("suites/bridge_v2", "-k", "sign_accuracy", "--vla-data", f"bridge_v2={tmp_path}/nope",
-                        "--vla-results", str(tmp_path / "r.sqlite"))
+                         "--vla-results", str(tmp_path / "r.sqlite"))
     assert result.returncode == 1
     assert f"dataset of bridge_v2 not found at {tmp_path}/nope" in result.stdout
     assert "--vla-data bridge_v2=PATH" in result.stdout

@@ -19,7 +19,7 @@ def test_unknown_suites_are_refused_in_one_place_with_the_valid_choices():
     with pytest.raises(VlaBenchError, match=r"unknown suite 'libero_100'; valid suites: libero_spatial, .*bridge_v2"):
         get_suite("libero_100")
     with pytest.raises(VlaBenchError, match=r"unknown closed loop suite 'bridge_v2'; valid suites: libero_spatial, "
-                                            r"libero_object, libero_goal, libero_10, libero_90$"):
+                                            r"libero_object, libero_goal, libero_10, libero_90, libero_spatial_lan, "):
         get_suite("bridge_v2", CLOSED_LOOP)
     with pytest.raises(VlaBenchError, match="unknown open loop suite 'libero_goal'; valid suites: bridge_v2, "
                                             "libero_demos"):
@@ -34,7 +34,9 @@ def test_every_closed_loop_record_drives_the_protocol_and_every_open_loop_record
         record, protocol = get_suite(name), reference_protocol(name)
         assert (protocol.max_steps, protocol.wait_steps, protocol.camera_size) == \
             (record.max_steps, record.wait_steps, record.camera_size)
-        assert record.unnorm_keys == (name, f"{name}_no_noops") and record.gripper == gripper.OPEN_IS_MINUS_1
+        base = record.base or name  # a robustness variant keeps its base suite's conventions and numbers
+        assert record.unnorm_keys == (base, f"{base}_no_noops") and record.gripper == gripper.OPEN_IS_MINUS_1
+        assert record.max_steps == get_suite(base).max_steps
     assert {get_suite(n).data_source for n in suite_names(OPEN_LOOP)} == {"bridge_rlds", "libero_hdf5"}
     assert set(suite_names(CLOSED_LOOP)) | set(suite_names(OPEN_LOOP)) == set(SUITES)
 
@@ -107,7 +109,7 @@ def test_option_values_read_back_what_argparse_parsed():
     assert values("results") == "results/vla-bench.sqlite" and values("baselines") == "baselines"
 
 
-# ---- vla-bench run ----------------------------------------------------------------------------------------------------
+# ---- vla-bench run --------------------------------------------------------------------------------------------------
 @pytest.mark.sim
 def test_vla_bench_run_evaluates_like_pytest_and_resumes_from_the_same_store(project, tmp_path):
     """`vla-bench run` over the same session: the negative control fails its task (exit 1), its episodes are stored,

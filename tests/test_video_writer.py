@@ -23,8 +23,8 @@ def test_write_video_refuses_without_imageio_ffmpeg(tmp_path, monkeypatch):
 
 def test_pytest_video_option_is_a_usage_error_without_imageio_ffmpeg(project, tmp_path):
     result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--video", "failed",
-                        "--vla-results", str(tmp_path / "r.sqlite"),
-                        env=sim_env(PYTHONPATH=_hide_imageio_ffmpeg(tmp_path)))
+                         "--vla-results", str(tmp_path / "r.sqlite"),
+                         env=sim_env(PYTHONPATH=_hide_imageio_ffmpeg(tmp_path)))
     assert result.returncode == 4, result.stdout + result.stderr
     assert "--video needs imageio-ffmpeg" in result.stderr
 
@@ -79,9 +79,9 @@ def test_video_format_sheet_writes_a_png_per_episode_without_imageio_ffmpeg(proj
 
     results = tmp_path / "r.sqlite"
     result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "1",
-                        "--max-steps", "14", "--video", "all", "--video-format", "sheet", "--video-dir",
-                        str(tmp_path / "videos"), "--vla-results", str(results),
-                        env=sim_env(PYTHONPATH=_hide_imageio_ffmpeg(tmp_path)))
+                         "--max-steps", "14", "--video", "all", "--video-format", "sheet", "--video-dir",
+                         str(tmp_path / "videos"), "--vla-results", str(results),
+                         env=sim_env(PYTHONPATH=_hide_imageio_ffmpeg(tmp_path)))
     assert result.returncode == 1, result.stdout + result.stderr  # noop fails the task; no usage error
     [record] = ResultsStore(results).episodes(checkpoint="noop")
     assert record.video and record.video.endswith("episode000-failure.png")

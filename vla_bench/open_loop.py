@@ -315,7 +315,8 @@ def score_predictions(predictions: Sequence[EpisodePrediction], space: ActionSpa
     cx, cy = all_pred[0, move], all_gt[0, move]  # a common centre taken from the data (see correlation_moments)
     moments = np.stack([m.correlation_moments(p[:, move], g[:, move], cx, cy) for p, g in zip(preds, gts)])
     r = m.pearson_from_moments(moments.sum(0))
-    per_episode_r = np.array([m.mean_correlation(m.pearson_per_dim(p[:, move], g[:, move])) for p, g in zip(preds, gts)])
+    per_episode_r = np.array([m.mean_correlation(m.pearson_per_dim(p[:, move], g[:, move]))
+                              for p, g in zip(preds, gts)])
     figures["correlation"] = ProxyFigure(
         "correlation", m.mean_correlation(r),
         m.bootstrap_interval(moments, lambda s: np.nan_to_num(m.pearson_from_moments(s), nan=0.0).mean(-1), **boot),

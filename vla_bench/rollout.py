@@ -41,6 +41,27 @@ class _Running:
     frames: list | None = None
 
 
+#: LIBERO's OSC_POSE actions lie in [-1, 1]; robosuite's controller clips to that range, as the reference protocol
+#: does, so values a little beyond it are executed clipped. Beyond FAR_OUT_OF_RANGE they are no policy's intent but a
+#: convention bug (unnormalized units, degrees for radians): the episode ends as an error rather than a failure.
+ACTION_LOW, ACTION_HIGH = -1.0, 1.0
+FAR_OUT_OF_RANGE = 2.0
+
+
+def action_error(action: np.ndarray, step: int) -> str | None:
+    """Why one slot's action cannot be executed at control step `step` (1-based), or None when it can."""
+    action = np.asarray(action)
+    if action.shape != (7,):
+        return f"policy returned an action of shape {action.shape} at step {step}, expected (7,)"
+    if not np.isfinite(action).all():
+        return f"policy returned non-finite actions at step {step}: {np.array2string(action, precision=3)}"
+    if np.abs(action).max() > FAR_OUT_OF_RANGE:
+        return (f"policy returned an action outside the action space at step {step}: "
+                f"{np.array2string(action, precision=3)} (LIBERO actions lie in [{ACTION_LOW:g}, {ACTION_HIGH:g}]; "
+                f"beyond {FAR_OUT_OF_RANGE:g} is an error, not clipped)")
+    return None
+
+
 def upright_frame(obs: dict) -> np.ndarray:
     """LIBERO renders the agentview upside down (OpenGL's origin); a person expects it upright."""
     return np.ascontiguousarray(obs["agentview_image"][::-1, ::-1])
@@ -88,10 +109,23 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
     while running:
         slots = sorted(running)
         actions = np.asarray(policy.act([running[s].obs for s in slots], [instruction] * len(slots), slots))
-        if actions.shape != (len(slots), 7):
-            raise ValueError(f"policy.act returned shape {actions.shape}, expected ({len(slots)}, 7)")
-        results = env.step({slot: actions[k] for k, slot in enumerate(slots)})
         freed = []
+        if actions.shape != (len(slots), 7):  # no row can be trusted to belong to its slot
+            for slot in slots:
+                ep = running.pop(slot)
+                finish(slot, ep, False, f"policy returned actions of shape {actions.shape} at step {ep.steps + 1} "
+                       f"for {len(slots)} environments, expected ({len(slots)}, 7)")
+            start(slots)
+            continue
+        valid = {}
+        for k, slot in enumerate(slots):
+            error = action_error(actions[k], running[slot].steps + 1)
+            if error is None:
+                valid[slot] = actions[k]
+            else:
+                finish(slot, running.pop(slot), False, error)
+                freed.append(slot)
+        results = env.step(valid) if valid else {}
         for slot, result in results.items():
             ep = running[slot]
             ep.steps += 1

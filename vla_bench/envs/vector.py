@@ -31,7 +31,7 @@ class SlotResult:
 
 def _run_episode(env, policy, init_index: int, seed: int, instruction: str, record_frames: bool) -> dict:
     """One whole episode inside the worker, for policies cheap enough to copy into every worker."""
-    from ..rollout import upright_frame
+    from ..rollout import action_error, upright_frame
 
     started = time.perf_counter()
     policy.reset(0, seed)
@@ -39,8 +39,11 @@ def _run_episode(env, policy, init_index: int, seed: int, instruction: str, reco
     frames = [upright_frame(obs)] if record_frames else None
     success, steps = False, 0
     while steps < env.protocol.max_steps and not success:
-        action = np.asarray(policy.act([obs], [instruction], [0]))[0]
-        obs, success = env.step(action)
+        actions = np.asarray(policy.act([obs], [instruction], [0]))
+        error = action_error(actions[0] if actions.shape[:1] == (1,) else actions, steps + 1)
+        if error is not None:
+            return SlotResult(None, error=error)
+        obs, success = env.step(actions[0])
         steps += 1
         if record_frames:
             frames.append(upright_frame(obs))

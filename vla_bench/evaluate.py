@@ -37,6 +37,7 @@ class TaskResult:
     resumed: int = 0  # episodes taken from the store instead of re-run
     planned: int | None = None  # the protocol's episodes; more than `episodes` when curtailment stopped early
     gate: object = None  # the TaskVerdict against a baseline, when gating
+    first_error: str | None = None  # the first errored episode's message (simulator or policy)
 
     @property
     def saved(self) -> int:
@@ -79,6 +80,7 @@ def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_in
     return TaskResult(checkpoint, suite, task_index, len(wins), len(measured), len(records) - len(measured),
                       sum(r.steps for r in wins) / len(wins) if wins else None,
                       sum(r.wall_s for r in records) if wall_s is None else wall_s, threshold, resumed,
+                      first_error=next((r.error for r in records if r.error is not None), None),
                       _outcomes={r.init_index: r.success for r in measured})
 
 

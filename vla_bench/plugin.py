@@ -135,7 +135,7 @@ def user_checkpoint_kinds(pluginmanager) -> list[dict[str, str]]:
         kinds = hook()
         if not isinstance(kinds, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in kinds.items()):
             where = getattr(plugin, "__file__", name)
-            raise pytest.UsageError(f"{where}: vla_bench_checkpoint_kinds() must return {{kind name: module path}} "
+            raise VlaBenchError(f"{where}: vla_bench_checkpoint_kinds() must return {{kind name: module path}} "
                                     f"strings, got {kinds!r}")
         tables.append(kinds)
     return tables
@@ -340,7 +340,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
     if any({"libero_task", "proxy_metric"} & set(getattr(item, "fixturenames", ())) for item in session.items):
-        session.config.stash[_STATE].session  # noqa: B018 (creates it; a usage error names what to fix)
+        try:
+            session.config.stash[_STATE].session  # noqa: B018 (creates it)
+        except VlaBenchError as e:
+            raise _usage_error(e) from None
 
 
 class _Progress:
@@ -429,7 +432,8 @@ class LiberoTaskRunner:
         low, high = result.interval
         return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
                 f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {format_threshold(result.threshold)}"
-                + (f", {result.errors} episode(s) hit simulator errors" if result.errors else ""))
+                + (f", {result.errors} episode(s) ended in errors (first: {result.first_error.strip().splitlines()[-1]})"
+                   if result.errors else ""))
 
 
 @pytest.fixture

@@ -52,12 +52,12 @@ def action_error(action: np.ndarray, step: int) -> str | None:
     """Why one slot's action cannot be executed at control step `step` (1-based), or None when it can."""
     action = np.asarray(action)
     if action.shape != (7,):
-        return f"policy returned an action of shape {action.shape} at step {step}, expected (7,)"
+        return f"policy returned actions of shape {action.shape} at step {step}, expected (7,) per environment"
     if not np.isfinite(action).all():
-        return f"policy returned non-finite actions at step {step}: {np.array2string(action, precision=3)}"
+        return f"policy returned non-finite actions at step {step}: {np.array2string(action, precision=3, max_line_width=200)}"
     if np.abs(action).max() > FAR_OUT_OF_RANGE:
         return (f"policy returned an action outside the action space at step {step}: "
-                f"{np.array2string(action, precision=3)} (LIBERO actions lie in [{ACTION_LOW:g}, {ACTION_HIGH:g}]; "
+                f"{np.array2string(action, precision=3, max_line_width=200)} (LIBERO actions lie in [{ACTION_LOW:g}, {ACTION_HIGH:g}]; "
                 f"beyond {FAR_OUT_OF_RANGE:g} is an error, not clipped)")
     return None
 

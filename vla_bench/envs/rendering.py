@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes.util
 import logging
 import os
+import tempfile
 
 from ..errors import VlaBenchError
 
@@ -41,3 +42,12 @@ def check_available(backend: str) -> None:
     if ctypes.util.find_library(library) is None:
         raise VlaBenchError(f"MUJOCO_GL={backend} needs lib{library}, which is not installed: "
                             f"apt-get install {package}  (or set MUJOCO_GL to another backend: egl, osmesa)")
+
+
+def private_workdir() -> tempfile.TemporaryDirectory:
+    """Move this simulator process into a temporary working directory of its own and return it (`.cleanup()` it
+    when the process is done). MuJoCo appends every simulator warning to MUJOCO_LOG.TXT in the working directory
+    (it prints them too); the user's folder is no place for it. Simulator processes open no relative paths."""
+    workdir = tempfile.TemporaryDirectory(prefix="vla-bench-sim-")
+    os.chdir(workdir.name)
+    return workdir

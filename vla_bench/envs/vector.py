@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..protocol import Protocol
+from .rendering import private_workdir
 
 
 @dataclass
@@ -55,6 +56,7 @@ def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privilege
     # one BLAS thread per worker: the workers already fill the cores, more threads only oversubscribe them
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     env = None
+    workdir = private_workdir()  # MuJoCo's MUJOCO_LOG.TXT goes there, not into the user's folder
     try:
         from .libero import LiberoTaskEnv
 
@@ -87,6 +89,7 @@ def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privilege
         if env is not None:
             env.close()
         conn.close()
+        workdir.cleanup()
 
 
 class VectorLiberoEnv:

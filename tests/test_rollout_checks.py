@@ -101,3 +101,32 @@ def test_in_worker_episodes_end_as_an_error_naming_the_step(bad, case):
     result = _run_episode(WorkerEnv(), Scripted(bad, at_step=4), 0, 1, "do it", False)
     assert isinstance(result, SlotResult) and SEEN[case] in result.error \
         and "at step 4" in result.error
+
+
+class OnDevice:
+    def __init__(self, device):
+        self.device = device
+
+
+def test_rows_record_the_gpu_by_index_and_name(monkeypatch):
+    import torch
+
+    from vla_bench.evaluate import device_description
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"NVIDIA H200 #{index}")
+    assert device_description(OnDevice(torch.device("cuda"))) == "cuda:0 NVIDIA H200 #0"
+    assert device_description(OnDevice("cuda:1")) == "cuda:1 NVIDIA H200 #1"
+    assert device_description(OnDevice(torch.device("cpu"))) == "cpu"
+    assert device_description(object()) == "cpu"  # NumPy policies: the scripted expert, the controls
+
+
+def test_an_openvla_policy_reports_the_device_of_its_weights():
+    from vla_bench.openvla.policy import OpenVLAPolicy
+
+    class Base:
+        model = __import__("torch").nn.Linear(2, 2).to("meta")
+
+    policy = OpenVLAPolicy.__new__(OpenVLAPolicy)
+    policy.base = Base()
+    assert str(policy.device) == "meta"

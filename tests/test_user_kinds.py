@@ -27,6 +27,7 @@ def identity(spec, registry):
 class Misbehaving:
     needs_images = False
     needs_privileged = False
+    device = "xla:0"  # what result rows must record, whatever the host
 
     def __init__(self, bad, at_step):
         self.bad, self.at_step, self.steps = bad, at_step, {}
@@ -138,6 +139,7 @@ def test_bad_closed_loop_actions_end_the_episode_as_an_error_naming_the_step(pyt
     assert output.count("2 episode(s) ended in errors") == 2, output
     with sqlite3.connect(pytester.path / "r.sqlite") as db:
         rows = db.execute("SELECT checkpoint, init_index, steps, error FROM episodes").fetchall()
+        assert {d for d, in db.execute("SELECT device FROM episodes")} == {"xla:0"}  # the device really used
     assert sorted((c, i, steps) for c, i, steps, _ in rows) == sorted((c, i, 2) for c in cases for i in (0, 1))
     for checkpoint, _, _, error in rows:
         assert SEEN[cases[checkpoint]] in error and "step 3" in error, error

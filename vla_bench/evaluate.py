@@ -84,6 +84,23 @@ def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_in
                       _outcomes={r.init_index: r.success for r in measured})
 
 
+def device_description(policy) -> str:
+    """The device a policy really computes on, as a result row records it: 'cuda:0 NVIDIA H200' for a model on a
+    GPU (index and name, since figures can differ between GPU models), 'cpu' for a model on the CPU and for policies
+    without a `device` (the scripted expert and the controls compute with NumPy)."""
+    device = getattr(policy, "device", None)
+    if device is None:
+        return "cpu"
+    text = str(device)
+    if text.startswith("cuda"):
+        import torch
+
+        index = torch.device(text).index
+        index = torch.cuda.current_device() if index is None else index
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return text
+
+
 def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -94,7 +111,7 @@ class EvalSettings:
     video: str = "none"
     video_dir: Path = Path("videos")
     video_format: str = "mp4"
-    device: str = "cpu"
+    device: str | None = None  # recorded with each row; None: the policy's own (`device_description`)
 
 
 def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol: Protocol, task_index: int,
@@ -124,6 +141,7 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
         if record_frames and "agentview" not in cameras:
             cameras += ("agentview",)
         versions = library_versions()
+        device = settings.device or device_description(policy)
         # cheap CPU policies (scripted expert, controls) run whole episodes inside the workers
         in_workers = bool(getattr(policy, "runs_in_worker", False))
         with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
@@ -140,7 +158,7 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
                 record = EpisodeRecord(spec.name, identity, protocol.suite, task_index, task.name,
                                        outcome.init_index, outcome.seed, key, protocol.as_dict(), outcome.success,
                                        outcome.steps, outcome.error, outcome.wall_s, versions, env.backend,
-                                       settings.device, video)
+                                       device, video)
                 store.add(record)
                 records[outcome.init_index] = record
                 if progress:

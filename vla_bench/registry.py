@@ -170,7 +170,10 @@ class Registry:
             table[k] = v
         checkpoints[name] = table
         spec = self._spec(name, table.unwrap())
-        self.path.write_text(tomlkit.dumps(self.document))
+        # a temp file renamed over the original: a kill never leaves the user's checkpoints.toml half written
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(tomlkit.dumps(self.document))
+        os.replace(partial, self.path)
         self.checkpoints[name] = spec
         return spec
 

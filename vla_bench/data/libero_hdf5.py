@@ -94,16 +94,24 @@ def read_libero_demos(path: str | os.PathLike, *, images: bool = True,
     except OSError as e:
         raise VlaBenchError(f"{path} is not a readable HDF5 file ({e})") from e
     with f:
-        if "data" not in f:
-            raise VlaBenchError(f"{path} has no 'data' group: not a LIBERO demo file (top-level keys: "
-                                f"{', '.join(f.keys()) or 'none'})")
-        data = f["data"]
-        language, problem_info = _file_language(data, path)
-        keys = demo_keys(data)
-        if not keys:
-            raise VlaBenchError(f"{path}: 'data' holds no demo_<i> groups")
-        for key in keys[:max_demos] if max_demos is not None else keys:
-            yield _read_demo(data[key], key, path, language, problem_info, images)
+        where = "the file's index"
+        try:  # libhdf5 reports damage inside a file as OSError, RuntimeError, KeyError or ValueError
+            if "data" not in f:
+                raise VlaBenchError(f"{path} has no 'data' group: not a LIBERO demo file (top-level keys: "
+                                    f"{', '.join(f.keys()) or 'none'})")
+            data = f["data"]
+            language, problem_info = _file_language(data, path)
+            keys = demo_keys(data)
+            if not keys:
+                raise VlaBenchError(f"{path}: 'data' holds no demo_<i> groups")
+            for key in keys[:max_demos] if max_demos is not None else keys:
+                where = f"data/{key}"
+                demo = _read_demo(data[key], key, path, language, problem_info, images)
+                where = "the file's index"
+                yield demo
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise VlaBenchError(f"{path} is damaged at {where} ({type(e).__name__}: {e}); re-create or "
+                                "re-download the file") from e
 
 
 def _read_demo(demo: h5py.Group, key: str, path: Path, language: str, problem_info: dict, images: bool) -> dict:

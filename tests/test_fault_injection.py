@@ -133,7 +133,8 @@ def test_a_killed_collect_resumes_to_the_demos_of_an_uninterrupted_one(tmp_path)
 
 
 def test_a_kill_while_a_demo_is_written_loses_only_that_demo(tmp_path):
-    """SIGKILL inside append_libero_demo, after each of its dataset writes in turn: the file stays readable with
+    """SIGKILL inside append_libero_demo, after each of its dataset writes in turn, once what was written so far is
+    on disk (as when libhdf5's metadata cache spills a large demo's groups mid-write): the file stays readable with
     the demos written before, and appending again gives the next demo its proper key."""
     from vla_bench.data.libero_hdf5 import append_libero_demo, demo_keys, read_libero_demos, write_libero_demos
 
@@ -152,6 +153,7 @@ def create_then_maybe_die(self, *args, **kwargs):
     dataset = create(self, *args, **kwargs)
     calls[0] += 1
     if calls[0] == kill_at:
+        self.file.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return dataset
 h5py.Group.create_dataset = create_then_maybe_die

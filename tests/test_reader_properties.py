@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import BRIDGE_DEBUG
@@ -112,8 +112,16 @@ def decode(data: bytes, specs) -> dict | None:
         return None
 
 
+INT64 = b"\x08" + b"\xff" * 9 + b"\x7f"  # Int64List {value: a 10-byte varint of 70 bits}
+FEATURE = b"\x1a" + bytes([len(INT64)]) + INT64
+ENTRY = b"\x0a\x01a\x12" + bytes([len(FEATURE)]) + FEATURE
+NOT_UTF8_KEY = bytes.fromhex("0a070a050a01ff1200")  # one feature whose key is the byte 0xff
+
+
 @FAST
 @given(data=st.binary(max_size=400))
+@example(data=NOT_UTF8_KEY)
+@example(data=b"\x0a" + bytes([len(ENTRY) + 2]) + b"\x0a" + bytes([len(ENTRY)]) + ENTRY)
 def test_example_parser_parses_or_raises_its_own_error(data):
     """Any bytes parse as a tf.train.Example or raise ExampleParseError."""
     try:

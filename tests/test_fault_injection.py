@@ -222,3 +222,20 @@ def test_a_killed_finetune_resumes_to_the_adapter_and_entry_of_an_uninterrupted_
         entry = Registry.load(tmp_path / f"{name}.toml").get("cand")
         assert entry.resolve_path(entry.options["adapter"]) == (tmp_path / name / "adapter").resolve()
     assert not list(killed.glob(".*.partial"))
+
+    # killed between the adapter's rename and the entry: the same command writes the entry, and then has nothing
+    # left to do (both without training again)
+    from vla_bench.finetune.cli import main as finetune_main
+
+    entry_text = (tmp_path / "killed.toml").read_text()
+    (tmp_path / "killed.toml").write_text(TOML.replace('"snap"', f'"{tmp_path / "snap"}"'))
+    assert finetune_main(command("killed")[3:]) == 0
+    assert finetune_main(command("killed")[3:]) == 0
+    again = Registry.load(tmp_path / "killed.toml")
+    assert (tmp_path / "killed.toml").read_text().count("[checkpoints.cand]") == 1
+    reference = Registry.load(tmp_path / "reference.toml").get("cand")
+    options, expected_options = dict(again.get("cand").options), dict(reference.options)
+    assert again.get("cand").resolve_path(options.pop("adapter")) == (killed / "adapter").resolve()
+    expected_options.pop("adapter")
+    assert options == expected_options and again.get("cand").baseline == reference.baseline
+    assert "[checkpoints.cand]" in entry_text

@@ -136,7 +136,7 @@ def user_checkpoint_kinds(pluginmanager) -> list[dict[str, str]]:
         if not isinstance(kinds, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in kinds.items()):
             where = getattr(plugin, "__file__", name)
             raise VlaBenchError(f"{where}: vla_bench_checkpoint_kinds() must return {{kind name: module path}} "
-                                    f"strings, got {kinds!r}")
+                                f"strings, got {kinds!r}")
         tables.append(kinds)
     return tables
 

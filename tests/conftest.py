@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: the real Bridge V2 debug shard (25 episodes, MIT; see its README.md), kept in the repo so no test needs ../shared
+BRIDGE_DEBUG = REPO / "tests" / "data" / "bridge_debug"
 
 
 def sim_env(**extra) -> dict:

@@ -34,7 +34,7 @@ def report(args) -> int:
     path = Path(args.results)
     if not path.is_file():
         raise VlaBenchError(f"{path}: no results store here (pytest writes one with --vla-results PATH)")
-    store = ResultsStore(path)
+    store = ResultsStore(path, read_only=True)
     records = store.episodes(checkpoint=args.checkpoint, suite=args.suite)
     if not records:
         raise VlaBenchError(f"{path}: no episodes" + (f" for checkpoint {args.checkpoint!r}" if args.checkpoint else "")

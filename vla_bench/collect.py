@@ -51,6 +51,7 @@ import numpy as np
 
 from .data.libero_hdf5 import append_libero_demo, demo_keys, write_libero_demos
 from .envs.libero import RANDOM_RESET_VERSION
+from .envs.rendering import private_workdir
 from .errors import VlaBenchError, choices
 from .protocol import MAX_STEPS, Protocol, reference_protocol
 
@@ -202,6 +203,7 @@ def _worker(conn, protocol: Protocol, cameras: tuple, policy, tasks: dict, actio
     """Serve ("run", task_index, attempt, seed) requests with finished episodes until ("close",)."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the workers already fill the cores
     env, env_task = None, None
+    workdir = private_workdir()  # MuJoCo's MUJOCO_LOG.TXT goes there, not into the user's folder
     try:
         while True:
             command, *args = conn.recv()
@@ -225,6 +227,7 @@ def _worker(conn, protocol: Protocol, cameras: tuple, policy, tasks: dict, actio
         if env is not None:
             env.close()
         conn.close()
+        workdir.cleanup()
 
 
 # ---- the calling side ---------------------------------------------------------------------------------------------

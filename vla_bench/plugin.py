@@ -19,12 +19,6 @@ _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
 _IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier characters
 
 
-def pytest_addhooks(pluginmanager) -> None:
-    from . import hookspec
-
-    pluginmanager.add_hookspecs(hookspec)
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vla-bench", "vla-bench: robot policy evaluation")
     group.addoption("--checkpoint", action="append", default=None, metavar="NAME",
@@ -89,6 +83,8 @@ class _State:
         self._session = None
         self.suite_verdicts: list = []
         self.saved_baselines: list = []
+        #: what parametrization refused (unknown checkpoint, too many episodes...): one usage error after collection
+        self.collection_errors: dict[str, None] = {}
 
     @property
     def registry(self):
@@ -97,7 +93,7 @@ class _State:
         if not hasattr(self, "_registry"):
             from .policies.kinds import register_kinds
 
-            for kinds in self.config.hook.vla_bench_checkpoint_kinds():
+            for kinds in user_checkpoint_kinds(self.config.pluginmanager):
                 register_kinds(kinds)
             path = self.config.getoption("--checkpoints-file") or default_path(self.config.invocation_params.dir)
             self._registry = Registry.load(path)
@@ -122,8 +118,8 @@ class _State:
             opt = self.config.getoption
             settings = EvalSettings(workers=opt("--vla-workers") or default_workers(), video=opt("--video"),
                                     video_dir=Path(opt("--video-dir")), video_format=opt("--video-format"))
-            store = ResultsStore(Path(opt("--vla-results")))
             try:
+                store = ResultsStore(Path(opt("--vla-results")))
                 gate = GateSettings.from_options(opt("--vla-alpha"), opt("--vla-compare-fail"), opt("--vla-strict"),
                                                  opt("--vla-sequential"))
             except VlaBenchError as e:
@@ -131,10 +127,8 @@ class _State:
             self._session = EvalSession(self.registry, store, settings, opt("--episodes"), opt("--max-steps"),
                                         compare=opt("--vla-compare"), gate=gate, curtail=opt("--vla-curtail"),
                                         baselines_dir=Path(opt("--vla-baselines")))
-            for item in opt("--vla-data"):
-                suite, sep, path = item.partition("=")
-                if not sep:
-                    raise pytest.UsageError(f"--vla-data {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
+            for item in opt("--vla-data"):  # checked in _check_options
+                suite, _, path = item.partition("=")
                 self._session.data_overrides[suite] = path
         return self._session
 
@@ -142,13 +136,61 @@ class _State:
 _STATE = pytest.StashKey[_State]()
 
 
+def user_checkpoint_kinds(pluginmanager) -> list[dict[str, str]]:
+    """The {kind: module} tables of every registered plugin's `vla_bench_checkpoint_kinds()` (vla_bench/hookspec.py:
+    pytest itself calls only `pytest_`-prefixed hooks), in a stable order."""
+    tables = []
+    for name, plugin in sorted(pluginmanager.list_name_plugin(), key=lambda pair: str(pair[0])):
+        hook = getattr(plugin, "vla_bench_checkpoint_kinds", None)
+        if not callable(hook):
+            continue
+        kinds = hook()
+        if not isinstance(kinds, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in kinds.items()):
+            where = getattr(plugin, "__file__", name)
+            raise VlaBenchError(f"{where}: vla_bench_checkpoint_kinds() must return {{kind name: module path}} "
+                                f"strings, got {kinds!r}")
+        tables.append(kinds)
+    return tables
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = _State(config)
+    _check_options(config)
     if config.getoption("--video") != "none":  # before any episode runs, not after the first one
         try:
             require_video_writer(config.getoption("--video-format"))
         except VlaBenchError as e:
             raise _usage_error(e) from None
+
+
+def _check_options(config: pytest.Config) -> None:
+    """Option values that are wrong whatever is collected: one usage error before collection, not one failed test
+    per task."""
+    for option in ("--episodes", "--max-steps"):
+        value = config.getoption(option)
+        if value is not None and value < 1:
+            raise pytest.UsageError(f"{option} must be at least 1, got {value}")
+    from .proxy_suites import PROXY_SUITES
+
+    for item in config.getoption("--vla-data"):
+        suite, sep, path = item.partition("=")
+        if not sep or not path:
+            raise pytest.UsageError(f"--vla-data {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
+        if suite not in PROXY_SUITES:
+            raise pytest.UsageError(f"--vla-data {item!r}: unknown suite {suite!r}; suites that read a dataset: "
+                                    f"{', '.join(PROXY_SUITES)}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """`pytest suites/libero_nosuch`: pytest would say only "file or directory not found"; name the suites."""
+    for arg in session.config.args:
+        path = Path(session.config.invocation_params.dir, arg.split("::")[0])
+        if path.exists() or not path.parent.is_dir():
+            continue
+        suites = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and any(p.glob("test_*.py"))
+                        and any("SUITE = " in f.read_text(errors="replace") for f in p.glob("test_*.py")))
+        if suites:
+            raise pytest.UsageError(f"{arg}: no such suite; suites in {path.parent}: {', '.join(suites)}")
 
 
 def _usage_error(error: VlaBenchError) -> pytest.UsageError:
@@ -170,9 +212,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         from .envs.tasks import suite_tasks
 
         names = state.checkpoint_names()
-        cases = [LiberoCase(suite, task.index, name) for task in suite_tasks(suite) for name in names]
+        tasks = suite_tasks(suite)
+        _check_episodes(metafunc.config.getoption("--episodes"), suite, tasks)
+        cases = [LiberoCase(suite, task.index, name) for task in tasks for name in names]
     except VlaBenchError as e:
-        raise _usage_error(e) from None
+        state.collection_errors[str(e)] = None  # raised once collection ends, as a usage error
+        return
     metafunc.parametrize("libero_task", cases, ids=[c.id for c in cases], indirect=True)
 
 
@@ -196,6 +241,18 @@ def _parametrize_robustness(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("libero_pro_task", cases, ids=[c.id for c in cases], indirect=True)
 
 
+def _check_episodes(episodes: int | None, suite: str, tasks) -> None:
+    """Episode i starts from init state i, so --episodes cannot exceed the fewest init states of a task."""
+    if episodes is None:
+        return
+    from .envs.tasks import init_states
+
+    available = min(len(init_states(suite, task.index)) for task in tasks)
+    if episodes > available:
+        raise VlaBenchError(f"--episodes {episodes}: {suite} has {available} init states per task (episode i starts "
+                            f"from init state i), so at most --episodes {available}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ProxyCase:
     suite: str
@@ -211,10 +268,12 @@ def _parametrize_proxy(metafunc: pytest.Metafunc) -> None:
     from .proxy import GATED_METRICS
 
     suite = getattr(metafunc.module, "SUITE", None)
+    state = metafunc.config.stash[_STATE]
     try:
-        names = metafunc.config.stash[_STATE].checkpoint_names(suite)
+        names = state.checkpoint_names(suite)
     except VlaBenchError as e:
-        raise _usage_error(e) from None
+        state.collection_errors[str(e)] = None
+        return
     cases = [ProxyCase(suite, metric, name) for name in names for metric in GATED_METRICS]
     metafunc.parametrize("proxy_metric", cases, ids=[c.id for c in cases], indirect=True)
 
@@ -238,7 +297,8 @@ class ProxyMetricRunner:
     def describe(self, figure) -> str:
         low, high = figure.interval
         return (f"{self.case.suite} {self.case.checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI "
-                f"{low:.3f}-{high:.3f}, {figure.n_episodes} episodes), threshold {figure.threshold.describe()}")
+                f"{low:.3f}-{high:.3f}, {figure.n_episodes} episodes), threshold {figure.threshold.describe()}"
+                + (f"; {figure.error}" if figure.error else ""))
 
 
 @pytest.fixture
@@ -255,6 +315,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     with taskN matched exactly against the item's task and every other word matched as pytest does, then clears
     the option so pytest does not apply its substring rule again. Expressions without a task word are untouched.
     """
+    errors = config.stash[_STATE].collection_errors
+    if errors:
+        raise pytest.UsageError("\n".join(errors))
     expression_text = config.option.keyword.lstrip()
     if not expression_text or not _TASK_WORD.search(expression_text):
         return
@@ -281,10 +344,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return default(word, **kwargs)
 
         (remaining if expression.evaluate(matcher) else deselected).append(item)
+    if not remaining:
+        _check_task_words(expression_text, items)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = remaining
     config.option.keyword = ""
+
+
+def _check_task_words(expression_text: str, items: list[pytest.Item]) -> None:
+    """-k selected nothing: when it names a task no collected suite has, say which tasks there are."""
+    from .envs.tasks import suite_tasks
+
+    cases = [getattr(getattr(item, "callspec", None), "params", {}).get("libero_task") for item in items]
+    suites = sorted({case.suite for case in cases if isinstance(case, LiberoCase)})
+    if not suites:
+        return
+    sizes = {suite: len(suite_tasks(suite)) for suite in suites}
+    words = [w for w in _IDENT.findall(expression_text) if _TASK_WORD.fullmatch(w)]
+    missing = [w for w in words if not any(1 <= int(w[4:]) <= n for n in sizes.values())]
+    if missing:
+        ranges = "; ".join(f"{suite}: task1 ... task{n}" for suite, n in sizes.items())
+        raise pytest.UsageError(f"-k {expression_text!r}: no task {', '.join(missing)} in the collected suites "
+                                f"({ranges})")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Open the results store (and read --vla-data) once, before any test runs, so that a bad --vla-results is
+    one usage error rather than a failure per test."""
+    if session.config.option.collectonly:
+        return
+    if any({"libero_task", "proxy_metric"} & set(getattr(item, "fixturenames", ())) for item in session.items):
+        try:
+            session.config.stash[_STATE].session  # noqa: B018 (creates it)
+        except VlaBenchError as e:
+            raise _usage_error(e) from None
 
 
 class _Progress:
@@ -332,8 +426,7 @@ class LiberoTaskRunner:
         self.node = node
 
     def evaluate(self):
-        state = self.config.stash[_STATE]
-        session = state.session
+        session = self.config.stash[_STATE].session
         spec = session.registry.get(self.case.checkpoint)
         total = session.protocol(self.case.suite).episodes
         try:
@@ -384,7 +477,8 @@ class LiberoTaskRunner:
         low, high = result.interval
         return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
                 f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {format_threshold(result.threshold)}"
-                + (f", {result.errors} episode(s) hit simulator errors" if result.errors else ""))
+                + (f", {result.errors} episode(s) ended in errors (first: {result.first_error.strip().splitlines()[-1]})"
+                   if result.errors else ""))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ released ones or the scripted expert's from `vla-bench collect`). Their paths co
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -59,15 +60,29 @@ def load_figures(db, checkpoint: str, suite: str) -> dict[str, dict]:
     db.executescript(PROXY_SCHEMA)
     rows = db.execute("SELECT metric, value, low, high, n_episodes, n_frames FROM proxy_figures "
                       "WHERE checkpoint = ? AND suite = ?", (checkpoint, suite)).fetchall()
-    return {m: {"value": v, "ci": [lo, hi], "episodes": n, "frames": f} for m, v, lo, hi, n, f in rows}
+    return {m: {"value": float(v), "ci": [float(lo), float(hi)], "episodes": n, "frames": f}
+            for m, v, lo, hi, n, f in rows}
+
+
+def _real(x: float) -> float | str:
+    """SQLite turns a NaN into NULL (and the REAL NOT NULL columns refuse it): non-finite figures are stored as the
+    text 'nan' / 'inf' / '-inf', which float() reads back."""
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
 
 
 def store_figures(db, checkpoint: str, identity: str, suite: str, result: OpenLoopResult, versions: dict) -> None:
     """One row per metric, with its per-episode values, so a paired comparison needs no re-run."""
     db.executescript(PROXY_SCHEMA)
-    for name, fig in result.figures.items():
-        per_episode = [] if fig.per_episode is None else [None if v != v else float(v) for v in fig.per_episode]
-        db.execute("INSERT OR REPLACE INTO proxy_figures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                   (checkpoint, identity, suite, result.source, name, float(fig.value), float(fig.interval[0]),
-                    float(fig.interval[1]), fig.n_episodes, fig.n_frames, json.dumps(per_episode),
-                    json.dumps(versions, sort_keys=True), time.time()))
+    db.execute("BEGIN")  # all of a result's figures or none: a failure leaves no half-written result behind
+    try:
+        for name, fig in result.figures.items():
+            per_episode = [] if fig.per_episode is None else [None if v != v else float(v) for v in fig.per_episode]
+            db.execute("INSERT OR REPLACE INTO proxy_figures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (checkpoint, identity, suite, result.source, name, _real(fig.value), _real(fig.interval[0]),
+                        _real(fig.interval[1]), fig.n_episodes, fig.n_frames, json.dumps(per_episode),
+                        json.dumps(versions, sort_keys=True), time.time()))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -18,6 +18,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from .errors import VlaBenchError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS episodes (
     checkpoint     TEXT NOT NULL,
@@ -74,17 +76,48 @@ _ADDED_COLUMNS = {"scene_check": "TEXT"}
 
 
 class ResultsStore:
-    def __init__(self, path: str | Path):
+    """The store at `path`. `read_only=True` (what `vla-bench report` uses) never creates, alters or converts the
+    file, and refuses one that is not a vla-bench store; otherwise the file and its folder are created as needed."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit (isolation_level=None): every INSERT is durable on its own, so kill -9 loses nothing finished
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            if read_only:
+                # mode=ro: a report must not add our table to someone else's SQLite file or switch it to WAL
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                          isolation_level=None, timeout=30)
+                self._check_is_store()
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # autocommit (isolation_level=None): every INSERT is durable on its own, so kill -9 loses nothing
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            tables = self._tables()
+            if tables and "episodes" not in tables:  # someone else's database: leave it as it is
+                self.db.close()
+                raise VlaBenchError(f"{self.path}: an SQLite file that is not a vla-bench results store (no "
+                                    f"episodes table; it holds {', '.join(sorted(tables))}): pass another "
+                                    "--vla-results PATH")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            present = {row[1] for row in self.db.execute("PRAGMA table_info(episodes)")}
+            for column, sql_type in _ADDED_COLUMNS.items():  # stores written before a column existed gain it
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE episodes ADD COLUMN {column} {sql_type}")
+        except sqlite3.DatabaseError as e:
+            raise VlaBenchError(_store_error(self.path, e)) from None
+        except OSError as e:
+            raise VlaBenchError(f"{self.path}: cannot create the results store's folder ({e.strerror}): pass a "
+                                "writable --vla-results PATH") from None
+
+    def _tables(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _check_is_store(self) -> None:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(episodes)")}
-        for column, sql_type in _ADDED_COLUMNS.items():  # stores written before a column existed gain it, empty
-            if column not in columns:
-                self.db.execute(f"ALTER TABLE episodes ADD COLUMN {column} {sql_type}")
+        if not set(_COLUMNS) - set(_ADDED_COLUMNS) <= columns:
+            self.db.close()
+            raise VlaBenchError(f"{self.path}: not a vla-bench results store (no episodes table with vla-bench's "
+                                "columns); pytest writes one with --vla-results PATH")
 
     def add(self, record: EpisodeRecord) -> None:
         values = dataclasses.asdict(record)
@@ -109,7 +142,10 @@ class ResultsStore:
         return self._select(" AND ".join(clauses) or "1", tuple(args))
 
     def _select(self, where: str, args: tuple) -> list[EpisodeRecord]:
-        cursor = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM episodes WHERE {where} "
+        # a store opened read-only may predate a column: it reads as empty there
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(episodes)")}
+        selected = [c if c in present else f"NULL AS {c}" for c in _COLUMNS]
+        cursor = self.db.execute(f"SELECT {', '.join(selected)} FROM episodes WHERE {where} "
                                  "ORDER BY checkpoint, suite, task_index, init_index", args)
         records = []
         for row in cursor:
@@ -122,6 +158,14 @@ class ResultsStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _store_error(path: Path, error: sqlite3.DatabaseError) -> str:
+    if path.is_dir():
+        return f"{path} is a folder: --vla-results takes the path of an SQLite file, e.g. {path / 'vla-bench.sqlite'}"
+    if isinstance(error, sqlite3.OperationalError):  # "unable to open database file", "readonly database"
+        return f"{path}: cannot open the results store for writing ({error}): pass a writable --vla-results PATH"
+    return f"{path}: not a vla-bench results store (SQLite says: {error}); pass another --vla-results PATH"
 
 
 def library_versions() -> dict[str, str]:

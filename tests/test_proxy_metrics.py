@@ -18,9 +18,7 @@ from vla_bench.policies.replay import ReplayPolicy
 from vla_bench.open_loop import (DEFAULT_THRESHOLDS, GATED_METRICS, bridge_action_space, bridge_source,
                              evaluate_open_loop, libero_source, predict_episodes, resolve_thresholds)
 
-BRIDGE_DEBUG = Path(__file__).resolve().parents[2] / "shared" / "data" / "bridge_debug"
-needs_bridge = pytest.mark.skipif(not (BRIDGE_DEBUG / "1.0.0" / "dataset_info.json").is_file(),
-                                  reason=f"real Bridge debug copy not found at {BRIDGE_DEBUG}")
+from tests.conftest import BRIDGE_DEBUG
 
 # ------------------------------------------------------------------------------------------ hand-computed cases
 
@@ -247,8 +245,6 @@ def test_wrong_action_shape_names_the_policy():
 
 @pytest.fixture(scope="module")
 def bridge_results():
-    if not (BRIDGE_DEBUG / "1.0.0" / "dataset_info.json").is_file():
-        pytest.skip(f"real Bridge debug copy not found at {BRIDGE_DEBUG}")
     source = bridge_source(BRIDGE_DEBUG, "train")
     return {name: evaluate_open_loop(policy, source, batch_size=4)
             for name, policy in (("replay", ReplayPolicy()), ("noop", NoopPolicy()), ("random", RandomPolicy()))}

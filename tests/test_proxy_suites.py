@@ -1,12 +1,5 @@
 """suites/bridge_v2 as a user runs it, on the real debug shard: the controls' verdicts and the stored figures."""
 
-import pytest
-
-from tests.conftest import REPO
-
-SHARD = REPO.parent / "shared" / "data" / "bridge_debug"
-pytestmark = pytest.mark.skipif(not SHARD.is_dir(), reason=f"the real Bridge debug shard is not at {SHARD}")
-
 
 def outcomes(stdout: str, word: str) -> set[str]:
     return {line.split("[")[1].split("]")[0] for line in stdout.splitlines()

@@ -13,13 +13,11 @@ from vla_bench.data.bridge import (GROUND_TRUTHS, binarize_gripper, bridge_episo
 from vla_bench.data.rlds import RLDSDataset, parse_features_json, write_rlds
 from vla_bench.errors import VlaBenchError
 
-BRIDGE_DEBUG = Path(__file__).resolve().parents[2] / "shared" / "data" / "bridge_debug"
+from tests.conftest import BRIDGE_DEBUG
 
 
 @pytest.fixture(scope="module")
 def bridge_dir() -> Path:
-    if not (BRIDGE_DEBUG / "1.0.0" / "dataset_info.json").is_file():
-        pytest.skip(f"real Bridge debug copy not found at {BRIDGE_DEBUG} (see ../shared/data/bridge_debug/README.md)")
     return BRIDGE_DEBUG
 
 

@@ -16,9 +16,9 @@ from vla_bench.data.tfrecord import (encode_record, iter_records, iter_records_w
                                      write_records)
 from vla_bench.errors import VlaBenchError
 
-BRIDGE_DEBUG = Path(__file__).resolve().parents[2] / "shared" / "data" / "bridge_debug" / "1.0.0"
-SHARD = BRIDGE_DEBUG / "bridge_dataset-train.tfrecord-00000-of-00001"
-needs_shard = pytest.mark.skipif(not SHARD.is_file(), reason=f"real Bridge debug shard not found at {SHARD}")
+from tests.conftest import BRIDGE_DEBUG
+
+SHARD = BRIDGE_DEBUG / "1.0.0" / "bridge_dataset-train.tfrecord-00000-of-00001"
 
 
 def test_crc32c_check_value_and_mask():
@@ -28,7 +28,6 @@ def test_crc32c_check_value_and_mask():
     assert masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-@needs_shard
 def test_real_shard_has_25_records_that_tile_the_file():
     offsets = [(offset, len(data)) for offset, data in iter_records_with_offsets(SHARD)]
     assert len(offsets) == 25
@@ -41,8 +40,6 @@ def test_real_shard_has_25_records_that_tile_the_file():
 
 @pytest.fixture
 def shard_copy(tmp_path) -> Path:
-    if not SHARD.is_file():
-        pytest.skip(f"real Bridge debug shard not found at {SHARD}")
     copy = tmp_path / SHARD.name
     shutil.copyfile(SHARD, copy)
     copy.chmod(0o644)
@@ -121,7 +118,6 @@ def test_encode_record_layout():
 # -------------------------------------------------------------------------------------------- Example protobuf
 
 
-@needs_shard
 def test_parse_real_example_and_reserialize_identically():
     data = next(iter_records(SHARD))
     example = parse_example(data)
@@ -135,7 +131,6 @@ def test_parse_real_example_and_reserialize_identically():
     assert serialize_example(example) == data  # byte-identical: same field order, packed encodings
 
 
-@needs_shard
 def test_parse_selected_keys_only():
     data = next(iter_records(SHARD))
     example = parse_example(data, keys={"steps/action", "steps/is_first"})

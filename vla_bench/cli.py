@@ -34,7 +34,7 @@ def report(args) -> int:
     path = Path(args.results)
     if not path.is_file():
         raise VlaBenchError(f"{path}: no results store here (pytest writes one with --vla-results PATH)")
-    store = ResultsStore(path)
+    store = ResultsStore(path, read_only=True)
     records = store.episodes(checkpoint=args.checkpoint, suite=args.suite)
     if not records:
         raise VlaBenchError(f"{path}: no episodes" + (f" for checkpoint {args.checkpoint!r}" if args.checkpoint else "")
@@ -83,17 +83,20 @@ class _GateRow:
 @command("run", "evaluate checkpoints on a suite without pytest: the session behind `pytest suites/SUITE`")
 def run(args) -> int:
     """0 when every task (or gated metric) passes and no gate fails, 1 otherwise."""
-    from .envs.tasks import parse_task_id, suite_tasks
-    from .options import OptionValues
+    from .envs.tasks import check_episodes, parse_task_id, suite_tasks
+    from .options import OptionValues, check_values
     from .report import describe_figure, describe_gate, describe_scene_mismatch, describe_task, gate_table, \
         print_table, proxy_table, task_table
     from .session import session_from_options
     from .suites import get_suite
 
     suite = get_suite(args.suite)
+    values = OptionValues(lambda dest: getattr(args, dest), prefix="")
+    check_values(values)  # the checks the plugin makes before collection
+    if suite.closed_loop:
+        check_episodes(values("episodes"), suite.name)
     registry = _registry(args)
     names = registry.checkpoint_names(args.checkpoint, None if suite.closed_loop else suite.name)
-    values = OptionValues(lambda dest: getattr(args, dest), prefix="")
     session = session_from_options(registry, values)
     failed = False
     try:

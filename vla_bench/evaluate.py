@@ -39,6 +39,7 @@ class TaskResult:
     gate: object = None  # the TaskVerdict against a baseline, when gating
     #: 'init I: what differs' for each episode whose settled scene differs from the reference stack's
     scene_mismatches: list = dataclasses.field(default_factory=list)
+    first_error: str | None = None  # the first errored episode's message (simulator or policy)
 
     @property
     def saved(self) -> int:
@@ -81,7 +82,25 @@ def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_in
                       sum(r.wall_s for r in records) if wall_s is None else wall_s, threshold, resumed,
                       scene_mismatches=[f"init {r.init_index}: {r.scene_check.partition(': ')[2]}" for r in records
                                         if (r.scene_check or "").startswith("mismatch")],
+                      first_error=next((r.error for r in records if r.error is not None), None),
                       _outcomes={r.init_index: r.success for r in measured})
+
+
+def device_description(policy) -> str:
+    """The device a policy really computes on, as a result row records it: 'cuda:0 NVIDIA H200' for a model on a
+    GPU (index and name, since figures can differ between GPU models), 'cpu' for a model on the CPU and for policies
+    without a `device` (the scripted expert and the controls compute with NumPy)."""
+    device = getattr(policy, "device", None)
+    if device is None:
+        return "cpu"
+    text = str(device)
+    if text.startswith("cuda"):
+        import torch
+
+        index = torch.device(text).index
+        index = torch.cuda.current_device() if index is None else index
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return text
 
 
 def default_workers() -> int:
@@ -94,7 +113,7 @@ class EvalSettings:
     video: str = "none"
     video_dir: Path = Path("videos")
     video_format: str = "mp4"
-    device: str = "cpu"
+    device: str | None = None  # recorded with each row; None: the policy's own (`device_description`)
 
 
 def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol: Protocol, task_index: int,
@@ -125,6 +144,7 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
             cameras += ("agentview",)
         # plus what the policy says identifies it beyond its identity string (a remote server's metadata)
         versions = {**library_versions(), **getattr(policy, "row_versions", {})}
+        device = settings.device or device_description(policy)
         # cheap CPU policies (scripted expert, controls) run whole episodes inside the workers
         in_workers = bool(getattr(policy, "runs_in_worker", False))
         with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
@@ -141,7 +161,7 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
                 record = EpisodeRecord(spec.name, identity, protocol.suite, task_index, task.name,
                                        outcome.init_index, outcome.seed, key, protocol.as_dict(), outcome.success,
                                        outcome.steps, outcome.error, outcome.wall_s, versions, env.backend,
-                                       settings.device, video, scene_check=outcome.scene_check)
+                                       device, video, scene_check=outcome.scene_check)
                 store.add(record)
                 records[outcome.init_index] = record
                 if progress:

@@ -257,10 +257,13 @@ class ProxyFigure:
     per_dim: tuple[float, ...] | None = None
     per_episode: np.ndarray | None = None  # the figure within each episode (NaN where undefined)
     reference: float | None = None  # the same quantity on the ground truth, where that means something
+    error: str | None = None  # why the figure cannot pass whatever its value (non-finite predictions)
 
     @property
     def passed(self) -> bool | None:
-        return None if self.threshold is None else self.threshold.passes(self.value)
+        if self.threshold is None:
+            return None
+        return self.error is None and self.threshold.passes(self.value)
 
     @property
     def warning(self) -> str | None:
@@ -273,6 +276,7 @@ class OpenLoopResult:
     action_space: ActionSpace
     predictions: list[EpisodePrediction]
     figures: dict[str, ProxyFigure]
+    non_finite_frames: int = 0  # frames whose predicted action held a NaN or an infinity
 
 
 def _ratio_figure(name, numerators, denominators, definition, n_frames, boot, threshold=None, per_dim=None,
@@ -397,7 +401,16 @@ def evaluate_open_loop(policy, source: OpenLoopSource, *, batch_size: int = 8, s
     space = source.action_space(np.concatenate([p.ground_truth for p in predictions]))
     figures = score_predictions(predictions, space, thresholds=thresholds, n_resamples=n_resamples, seed=seed,
                                 success_threshold=success_threshold)
-    return OpenLoopResult(source.description, space, predictions, figures)
+    bad = [(p.episode_id, t) for p in predictions for t in np.flatnonzero(~np.isfinite(p.predicted).all(axis=1))]
+    if bad:
+        # NaN rows count as distinct (diversity 1.0) and drop out of sums: a diverging model must not pass
+        frames = sum(len(p.predicted) for p in predictions)
+        error = (f"the policy returned non-finite actions on {len(bad)} of {frames} frames (first: episode "
+                 f"{bad[0][0]} step {bad[0][1]})")
+        for figure in figures.values():
+            if figure.threshold is not None:
+                figure.error = error
+    return OpenLoopResult(source.description, space, predictions, figures, len(bad))
 
 
 #: the metrics that carry a threshold (one test each per checkpoint), in display order

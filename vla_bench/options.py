@@ -113,3 +113,21 @@ class OptionValues:
 
     def __call__(self, name: str) -> Any:
         return self.get(self.flag(name)[2:].replace("-", "_"))
+
+
+def check_values(values: OptionValues) -> None:
+    """Option values that are wrong whatever is evaluated, refused before anything runs (VlaBenchError)."""
+    from .errors import VlaBenchError
+    from .suites import OPEN_LOOP, suite_names
+
+    for option in ("episodes", "max-steps"):
+        value = values(option)
+        if value is not None and value < 1:
+            raise VlaBenchError(f"{values.flag(option)} must be at least 1, got {value}")
+    for item in values("data"):
+        suite, sep, path = item.partition("=")
+        if not sep or not path:
+            raise VlaBenchError(f"{values.flag('data')} {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
+        if suite not in suite_names(OPEN_LOOP):
+            raise VlaBenchError(f"{values.flag('data')} {item!r}: unknown suite {suite!r}; suites that read a dataset: "
+                                f"{', '.join(suite_names(OPEN_LOOP))}")

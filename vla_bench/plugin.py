@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from .errors import VlaBenchError
-from .options import OptionValues, add_checkpoints_file_option, add_evaluation_options
+from .options import OptionValues, add_checkpoints_file_option, add_evaluation_options, check_values
 from .video import require_video_writer
 
 _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
 _IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier characters
-
-
-def pytest_addhooks(pluginmanager) -> None:
-    from . import hookspec
-
-    pluginmanager.add_hookspecs(hookspec)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,6 +56,8 @@ class _State:
         self._session = None
         self.suite_verdicts: list = []
         self.saved_baselines: list = []
+        #: what parametrization refused (unknown checkpoint, too many episodes...): one usage error after collection
+        self.collection_errors: dict[str, None] = {}
 
     @property
     def registry(self):
@@ -69,7 +66,7 @@ class _State:
         if not hasattr(self, "_registry"):
             from .policies.kinds import register_kinds
 
-            for kinds in self.config.hook.vla_bench_checkpoint_kinds():
+            for kinds in user_checkpoint_kinds(self.config.pluginmanager):
                 register_kinds(kinds)
             path = self.config.getoption("--checkpoints-file") or default_path(self.config.invocation_params.dir)
             self._registry = Registry.load(path)
@@ -94,13 +91,52 @@ class _State:
 _STATE = pytest.StashKey[_State]()
 
 
+def user_checkpoint_kinds(pluginmanager) -> list[dict[str, str]]:
+    """The {kind: module} tables of every registered plugin's `vla_bench_checkpoint_kinds()` (vla_bench/hookspec.py:
+    pytest itself calls only `pytest_`-prefixed hooks), in a stable order."""
+    tables = []
+    for name, plugin in sorted(pluginmanager.list_name_plugin(), key=lambda pair: str(pair[0])):
+        hook = getattr(plugin, "vla_bench_checkpoint_kinds", None)
+        if not callable(hook):
+            continue
+        kinds = hook()
+        if not isinstance(kinds, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in kinds.items()):
+            where = getattr(plugin, "__file__", name)
+            raise VlaBenchError(f"{where}: vla_bench_checkpoint_kinds() must return {{kind name: module path}} "
+                                f"strings, got {kinds!r}")
+        tables.append(kinds)
+    return tables
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = _State(config)
+    _check_options(config)
     if config.getoption("--video") != "none":  # before any episode runs, not after the first one
         try:
             require_video_writer(config.getoption("--video-format"))
         except VlaBenchError as e:
             raise _usage_error(e) from None
+
+
+def _check_options(config: pytest.Config) -> None:
+    """Option values that are wrong whatever is collected: one usage error before collection, not one failed test
+    per task (the rules are options.check_values, which `vla-bench run` applies too)."""
+    try:
+        check_values(OptionValues(config.getoption, "vla-"))
+    except VlaBenchError as e:
+        raise _usage_error(e) from None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """`pytest suites/libero_nosuch`: pytest would say only "file or directory not found"; name the suites."""
+    for arg in session.config.args:
+        path = Path(session.config.invocation_params.dir, arg.split("::")[0])
+        if path.exists() or not path.parent.is_dir():
+            continue
+        suites = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and any(p.glob("test_*.py"))
+                        and any("SUITE = " in f.read_text(errors="replace") for f in p.glob("test_*.py")))
+        if suites:
+            raise pytest.UsageError(f"{arg}: no such suite; suites in {path.parent}: {', '.join(suites)}")
 
 
 def _usage_error(error: VlaBenchError) -> pytest.UsageError:
@@ -119,12 +155,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"{metafunc.module.__file__}: a test using `libero_task` needs SUITE = '<suite>'")
     state = metafunc.config.stash[_STATE]
     try:
-        from .envs.tasks import suite_tasks
+        from .envs.tasks import check_episodes, suite_tasks
 
         names = state.checkpoint_names()
-        cases = [LiberoCase(suite, task.index, name) for task in suite_tasks(suite) for name in names]
+        tasks = suite_tasks(suite)
+        check_episodes(metafunc.config.getoption("--episodes"), suite)
+        cases = [LiberoCase(suite, task.index, name) for task in tasks for name in names]
     except VlaBenchError as e:
-        raise _usage_error(e) from None
+        state.collection_errors[str(e)] = None  # raised once collection ends, as a usage error
+        return
     metafunc.parametrize("libero_task", cases, ids=[c.id for c in cases], indirect=True)
 
 
@@ -163,13 +202,15 @@ def _parametrize_proxy(metafunc: pytest.Metafunc) -> None:
     from .open_loop import GATED_METRICS
 
     suite = getattr(metafunc.module, "SUITE", None)
+    state = metafunc.config.stash[_STATE]
     try:
         from .suites import OPEN_LOOP, get_suite
 
         get_suite(suite, OPEN_LOOP)
-        names = metafunc.config.stash[_STATE].checkpoint_names(suite)
+        names = state.checkpoint_names(suite)
     except VlaBenchError as e:
-        raise _usage_error(e) from None
+        state.collection_errors[str(e)] = None
+        return
     cases = [ProxyCase(suite, metric, name) for name in names for metric in GATED_METRICS]
     metafunc.parametrize("proxy_metric", cases, ids=[c.id for c in cases], indirect=True)
 
@@ -210,6 +251,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     with taskN matched exactly against the item's task and every other word matched as pytest does, then clears
     the option so pytest does not apply its substring rule again. Expressions without a task word are untouched.
     """
+    errors = config.stash[_STATE].collection_errors
+    if errors:
+        raise pytest.UsageError("\n".join(errors))
     expression_text = config.option.keyword.lstrip()
     if not expression_text or not _TASK_WORD.search(expression_text):
         return
@@ -236,10 +280,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return default(word, **kwargs)
 
         (remaining if expression.evaluate(matcher) else deselected).append(item)
+    if not remaining:
+        _check_task_words(expression_text, items)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = remaining
     config.option.keyword = ""
+
+
+def _check_task_words(expression_text: str, items: list[pytest.Item]) -> None:
+    """-k selected nothing: when it names a task no collected suite has, say which tasks there are."""
+    from .envs.tasks import suite_tasks
+
+    cases = [getattr(getattr(item, "callspec", None), "params", {}).get("libero_task") for item in items]
+    suites = sorted({case.suite for case in cases if isinstance(case, LiberoCase)})
+    if not suites:
+        return
+    sizes = {suite: len(suite_tasks(suite)) for suite in suites}
+    words = [w for w in _IDENT.findall(expression_text) if _TASK_WORD.fullmatch(w)]
+    missing = [w for w in words if not any(1 <= int(w[4:]) <= n for n in sizes.values())]
+    if missing:
+        ranges = "; ".join(f"{suite}: task1 ... task{n}" for suite, n in sizes.items())
+        raise pytest.UsageError(f"-k {expression_text!r}: no task {', '.join(missing)} in the collected suites "
+                                f"({ranges})")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Open the results store (and read --vla-data) once, before any test runs, so that a bad --vla-results is
+    one usage error rather than a failure per test."""
+    if session.config.option.collectonly:
+        return
+    if any({"libero_task", "proxy_metric"} & set(getattr(item, "fixturenames", ())) for item in session.items):
+        try:
+            session.config.stash[_STATE].session  # noqa: B018 (creates it)
+        except VlaBenchError as e:
+            raise _usage_error(e) from None
 
 
 class _Progress:
@@ -287,8 +362,7 @@ class LiberoTaskRunner:
         self.node = node
 
     def evaluate(self):
-        state = self.config.stash[_STATE]
-        session = state.session
+        session = self.config.stash[_STATE].session
         spec = session.registry.get(self.case.checkpoint)
         total = session.protocol(self.case.suite).episodes
         try:

@@ -187,7 +187,10 @@ class Registry:
             table[k] = v
         checkpoints[name] = table
         spec = self._spec(name, table.unwrap())
-        self.path.write_text(tomlkit.dumps(self.document))
+        # a temp file renamed over the original: a kill never leaves the user's checkpoints.toml half written
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(tomlkit.dumps(self.document))
+        os.replace(partial, self.path)
         self.checkpoints[name] = spec
         return spec
 
@@ -212,6 +215,10 @@ def default_path(start: Path | None = None) -> Path:
                         "or set VLA_BENCH_CHECKPOINTS")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_threshold_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
     if not isinstance(tables, dict):
         raise VlaBenchError(f"{where}: must be a table of suites")
@@ -219,10 +226,18 @@ def _check_threshold_tables(tables: Any, where: str) -> dict[str, dict[str, Any]
         if not isinstance(table, dict):
             raise VlaBenchError(f"{where}.{suite}: must be a table like {{default = 0.9, task5 = 0.8}}")
         for case, value in table.items():
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
-                isinstance(value, list) and len(value) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and value[0] <= value[1])
+            ok = _is_number(value) or (isinstance(value, list) and len(value) == 2
+                                       and all(_is_number(v) for v in value))
             if not ok:
                 raise VlaBenchError(f"{where}.{suite} {case}: a threshold is a number or a [low, high] pair, "
                                     f"got {value!r}")
+            # every gated figure (a success rate, an accuracy, a fraction, a correlation) is at most 1: a threshold
+            # of 1.5 would fail a checkpoint that succeeds every time, so it is a typo for 0.15 or 15%
+            bounds = value if isinstance(value, list) else [value]
+            if not all(0.0 <= v <= 1.0 for v in bounds):
+                raise VlaBenchError(f"{where}.{suite} {case}: threshold {value!r} is outside [0, 1]; thresholds are "
+                                    "fractions (0.9 means 90%)")
+            if isinstance(value, list) and value[0] > value[1]:
+                raise VlaBenchError(f"{where}.{suite} {case}: [low, high] = {value!r} has low above high; "
+                                    f"write [{value[1]}, {value[0]}]")
     return tables

@@ -54,7 +54,8 @@ def describe_task(result: TaskResult) -> str:
     low, high = result.interval
     return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
             f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {describe_threshold(result.threshold)}"
-            + (f", {result.errors} episode(s) hit simulator errors" if result.errors else ""))
+            + (f", {result.errors} episode(s) ended in errors (first: {result.first_error.strip().splitlines()[-1]})"
+               if result.errors else ""))
 
 
 def describe_gate(result: TaskResult) -> str:
@@ -83,7 +84,8 @@ def describe_figure(suite: str, checkpoint: str, figure) -> str:
     """One open-loop proxy figure as a sentence."""
     low, high = figure.interval
     return (f"{suite} {checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI {low:.3f}-{high:.3f}, "
-            f"{figure.n_episodes} episodes), threshold {describe_threshold(figure.threshold)}")
+            f"{figure.n_episodes} episodes), threshold {describe_threshold(figure.threshold)}"
+            + (f"; {figure.error}" if figure.error else ""))
 
 
 def robustness_table(results, title: str = "vla-bench: robustness (LIBERO-PRO)") -> Table:

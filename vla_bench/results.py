@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import sqlite3
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
+
+from .errors import VlaBenchError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS episodes (
@@ -90,17 +93,48 @@ _ADDED_COLUMNS = {"scene_check": "TEXT"}
 
 
 class ResultsStore:
-    def __init__(self, path: str | Path):
+    """The store at `path`. `read_only=True` (what `vla-bench report` uses) never creates, alters or converts the
+    file, and refuses one that is not a vla-bench store; otherwise the file and its folder are created as needed."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit (isolation_level=None): every INSERT is durable on its own, so kill -9 loses nothing finished
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            if read_only:
+                # mode=ro: a report must not add our table to someone else's SQLite file or switch it to WAL
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                          isolation_level=None, timeout=30)
+                self._check_is_store()
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # autocommit (isolation_level=None): every INSERT is durable on its own, so kill -9 loses nothing
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            tables = self._tables()
+            if tables and "episodes" not in tables:  # someone else's database: leave it as it is
+                self.db.close()
+                raise VlaBenchError(f"{self.path}: an SQLite file that is not a vla-bench results store (no "
+                                    f"episodes table; it holds {', '.join(sorted(tables))}): pass another "
+                                    "--vla-results PATH")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            present = {row[1] for row in self.db.execute("PRAGMA table_info(episodes)")}
+            for column, sql_type in _ADDED_COLUMNS.items():  # stores written before a column existed gain it
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE episodes ADD COLUMN {column} {sql_type}")
+        except sqlite3.DatabaseError as e:
+            raise VlaBenchError(_store_error(self.path, e)) from None
+        except OSError as e:
+            raise VlaBenchError(f"{self.path}: cannot create the results store's folder ({e.strerror}): pass a "
+                                "writable --vla-results PATH") from None
+
+    def _tables(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _check_is_store(self) -> None:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(episodes)")}
-        for column, sql_type in _ADDED_COLUMNS.items():  # stores written before a column existed gain it, empty
-            if column not in columns:
-                self.db.execute(f"ALTER TABLE episodes ADD COLUMN {column} {sql_type}")
+        if not set(_COLUMNS) - set(_ADDED_COLUMNS) <= columns:
+            self.db.close()
+            raise VlaBenchError(f"{self.path}: not a vla-bench results store (no episodes table with vla-bench's "
+                                "columns); pytest writes one with --vla-results PATH")
 
     def add(self, record: EpisodeRecord) -> None:
         values = dataclasses.asdict(record)
@@ -125,7 +159,10 @@ class ResultsStore:
         return self._select(" AND ".join(clauses) or "1", tuple(args))
 
     def _select(self, where: str, args: tuple) -> list[EpisodeRecord]:
-        cursor = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM episodes WHERE {where} "
+        # a store opened read-only may predate a column: it reads as empty there
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(episodes)")}
+        selected = [c if c in present else f"NULL AS {c}" for c in _COLUMNS]
+        cursor = self.db.execute(f"SELECT {', '.join(selected)} FROM episodes WHERE {where} "
                                  "ORDER BY checkpoint, suite, task_index, init_index", args)
         records = []
         for row in cursor:
@@ -140,22 +177,45 @@ class ResultsStore:
     def add_proxy_figures(self, checkpoint: str, identity: str, suite: str, result, versions: dict) -> None:
         """One row per metric of an OpenLoopResult, with its per-episode values, so a paired comparison needs no
         re-run."""
-        for name, fig in result.figures.items():
-            per_episode = [] if fig.per_episode is None else [None if v != v else float(v) for v in fig.per_episode]
-            self.db.execute("INSERT OR REPLACE INTO proxy_figures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                            (checkpoint, identity, suite, result.source, name, float(fig.value),
-                             float(fig.interval[0]), float(fig.interval[1]), fig.n_episodes, fig.n_frames,
-                             json.dumps(per_episode), json.dumps(versions, sort_keys=True), time.time()))
+        self.db.execute("BEGIN")  # all of a result's figures or none: a failure leaves no half-written result behind
+        try:
+            for name, fig in result.figures.items():
+                per_episode = [] if fig.per_episode is None else [None if v != v else float(v)
+                                                                  for v in fig.per_episode]
+                self.db.execute("INSERT OR REPLACE INTO proxy_figures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                (checkpoint, identity, suite, result.source, name, _real(fig.value),
+                                 _real(fig.interval[0]), _real(fig.interval[1]), fig.n_episodes, fig.n_frames,
+                                 json.dumps(per_episode), json.dumps(versions, sort_keys=True), time.time()))
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def proxy_figures(self, checkpoint: str, suite: str) -> dict[str, dict]:
         """The stored figures of a checkpoint on an open-loop suite: {metric: {value, ci, episodes, frames}} (empty
         when none are stored)."""
         rows = self.db.execute("SELECT metric, value, low, high, n_episodes, n_frames FROM proxy_figures "
                                "WHERE checkpoint = ? AND suite = ?", (checkpoint, suite)).fetchall()
-        return {m: {"value": v, "ci": [lo, hi], "episodes": n, "frames": f} for m, v, lo, hi, n, f in rows}
+        return {m: {"value": float(v), "ci": [float(lo), float(hi)], "episodes": n, "frames": f}
+                for m, v, lo, hi, n, f in rows}
 
     def close(self) -> None:
         self.db.close()
+
+
+def _real(x: float) -> float | str:
+    """SQLite turns a NaN into NULL (and the REAL NOT NULL columns refuse it): non-finite figures are stored as the
+    text 'nan' / 'inf' / '-inf', which float() reads back."""
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
+
+
+def _store_error(path: Path, error: sqlite3.DatabaseError) -> str:
+    if path.is_dir():
+        return f"{path} is a folder: --vla-results takes the path of an SQLite file, e.g. {path / 'vla-bench.sqlite'}"
+    if isinstance(error, sqlite3.OperationalError):  # "unable to open database file", "readonly database"
+        return f"{path}: cannot open the results store for writing ({error}): pass a writable --vla-results PATH"
+    return f"{path}: not a vla-bench results store (SQLite says: {error}); pass another --vla-results PATH"
 
 
 def library_versions() -> dict[str, str]:

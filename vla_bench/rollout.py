@@ -43,6 +43,27 @@ class _Running:
     scene_check: str | None = None
 
 
+#: LIBERO's OSC_POSE actions lie in [-1, 1]; robosuite's controller clips to that range, as the reference protocol
+#: does, so values a little beyond it are executed clipped. Beyond FAR_OUT_OF_RANGE they are no policy's intent but a
+#: convention bug (unnormalized units, degrees for radians): the episode ends as an error rather than a failure.
+ACTION_LOW, ACTION_HIGH = -1.0, 1.0
+FAR_OUT_OF_RANGE = 2.0
+
+
+def action_error(action: np.ndarray, step: int) -> str | None:
+    """Why one slot's action cannot be executed at control step `step` (1-based), or None when it can."""
+    action = np.asarray(action)
+    if action.shape != (7,):
+        return f"policy returned actions of shape {action.shape} at step {step}, expected (7,) per environment"
+    if not np.isfinite(action).all():
+        return f"policy returned non-finite actions at step {step}: {np.array2string(action, precision=3, max_line_width=200)}"
+    if np.abs(action).max() > FAR_OUT_OF_RANGE:
+        return (f"policy returned an action outside the action space at step {step}: "
+                f"{np.array2string(action, precision=3, max_line_width=200)} (LIBERO actions lie in [{ACTION_LOW:g}, {ACTION_HIGH:g}]; "
+                f"beyond {FAR_OUT_OF_RANGE:g} is an error, not clipped)")
+    return None
+
+
 def upright_frame(obs: dict) -> np.ndarray:
     """LIBERO renders the agentview upside down (OpenGL's origin); a person expects it upright."""
     return np.ascontiguousarray(obs["agentview_image"][::-1, ::-1])
@@ -93,15 +114,31 @@ def rollout_episodes(policy: Policy, env: VectorLiberoEnv, protocol: Protocol, t
         freed = []
         try:
             actions = np.asarray(policy.act([running[s].obs for s in slots], [instruction] * len(slots), slots))
-            if actions.shape != (len(slots), 7):
-                raise ValueError(f"policy.act returned shape {actions.shape}, expected ({len(slots)}, 7)")
-            planned = {slot: actions[k] for k, slot in enumerate(slots)}
+            failed: dict = {}
         except SlotErrors as e:  # e.g. a remote server lost mid-episode: those episodes are errors, not failures
-            planned = {slot: a for slot, a in e.actions.items() if slot not in e.errors}
-            for slot, message in e.errors.items():
-                finish(slot, running.pop(slot), False, message)
+            actions, failed = None, dict(e.errors)
+            planned = {slot: a for slot, a in e.actions.items() if slot not in failed}
+        if actions is not None:
+            if actions.shape != (len(slots), 7):  # no row can be trusted to belong to its slot
+                for slot in slots:
+                    ep = running.pop(slot)
+                    finish(slot, ep, False, f"policy returned actions of shape {actions.shape} at step "
+                           f"{ep.steps + 1} for {len(slots)} environments, expected ({len(slots)}, 7)")
+                start(slots)
+                continue
+            planned = {slot: actions[k] for k, slot in enumerate(slots)}
+        for slot, message in failed.items():
+            finish(slot, running.pop(slot), False, message)
+            freed.append(slot)
+        valid = {}
+        for slot, action in planned.items():
+            error = action_error(action, running[slot].steps + 1)
+            if error is None:
+                valid[slot] = action
+            else:
+                finish(slot, running.pop(slot), False, error)
                 freed.append(slot)
-        results = env.step(planned) if planned else {}
+        results = env.step(valid) if valid else {}
         for slot, result in results.items():
             ep = running[slot]
             ep.steps += 1

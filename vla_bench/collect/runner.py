@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.libero_hdf5 import append_libero_demo
+from ..envs.rendering import private_workdir
 from ..errors import VlaBenchError, choices
 from ..protocol import Protocol, reference_protocol
 from ..suites import CLOSED_LOOP, get_suite
@@ -86,6 +87,7 @@ def _worker(conn, protocol: Protocol, cameras: tuple, policy, tasks: dict, actio
     """Serve ("run", task_index, attempt, seed) requests with finished episodes until ("close",)."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the workers already fill the cores
     env, env_task = None, None
+    workdir = private_workdir()  # MuJoCo's MUJOCO_LOG.TXT goes there, not into the user's folder
     try:
         while True:
             command, *args = conn.recv()
@@ -109,6 +111,7 @@ def _worker(conn, protocol: Protocol, cameras: tuple, policy, tasks: dict, actio
         if env is not None:
             env.close()
         conn.close()
+        workdir.cleanup()
 
 
 # ---- the calling side ---------------------------------------------------------------------------------------------

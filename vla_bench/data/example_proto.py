@@ -75,6 +75,8 @@ def _fields(buf: memoryview):
 
 
 def _signed64(v: int) -> int:
+    if v >= 1 << 64:  # a 10-byte varint can carry 70 bits; int64 holds 64
+        raise ExampleParseError(f"varint {v} does not fit in 64 bits")
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
@@ -138,7 +140,10 @@ def parse_example(data: bytes | memoryview, keys: Collection[str] | None = None)
             key, value_buf = None, None
             for n, w, v in _fields(entry):
                 if n == 1 and w == _LEN:
-                    key = bytes(v).decode("utf-8")
+                    try:
+                        key = bytes(v).decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ExampleParseError(f"feature key is not UTF-8 ({e.reason})") from None
                 elif n == 2 and w == _LEN:
                     value_buf = v
             if key is None or (keys is not None and key not in keys):

@@ -2,7 +2,7 @@
 
     data                       attrs: problem_info (JSON: language_instruction, problem_name, domain_name),
                                       env_args (JSON), bddl_file_name, macros_image_convention, num_demos, total
-    data/demo_<i>              attrs: num_samples, init_state, model_file
+    data/demo_<i>              attrs: num_samples, init_state, model_file; vla_bench_complete (ours, see below)
     data/demo_<i>/actions      (T, 7) float: OSC_POSE deltas in [-1, 1], gripper -1 = open, +1 = close
     data/demo_<i>/states       (T, N) flattened MuJoCo states
     data/demo_<i>/robot_states (T, 9); rewards (T,), dones (T,) uint8 with 1 on the last step
@@ -14,6 +14,11 @@
 "steps/action", "steps/language_instruction", "episode_metadata/..."); `libero_episodes` turns them into the
 open-loop ground-truth dicts the proxy engine consumes; `write_libero_demos` writes the layout (the scripted-expert
 demo collector uses it).
+
+A demo is appended in place, and a writer can be killed half way through one. So a demo group that vla-bench writes
+carries `vla_bench_complete = False` from its creation until its data are flushed to disk, then True: readers skip
+a group still marked False, and the next append removes it. Groups without the attribute (LIBERO's own files) are
+complete. The rest of the file is never rewritten, so a kill loses at most the demo being written.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import numpy as np
 from ..errors import VlaBenchError
 
 _DEMO = re.compile(r"^demo_(\d+)$")
+#: False while a demo group is being written, True once its data are on disk (absent in LIBERO's own files)
+COMPLETE_ATTR = "vla_bench_complete"
 
 
 def language_from_filename(path: str | os.PathLike) -> str:
@@ -63,7 +70,11 @@ def _file_language(data: h5py.Group, path: Path) -> tuple[str, dict]:
 
 
 def demo_keys(data: h5py.Group) -> list[str]:
-    """The demo group names in numeric order (demo_2 before demo_10)."""
+    """The complete demo groups' names in numeric order (demo_2 before demo_10)."""
+    return [k for k in _all_demo_keys(data) if bool(data[k].attrs.get(COMPLETE_ATTR, True))]
+
+
+def _all_demo_keys(data: h5py.Group) -> list[str]:
     return sorted((k for k in data.keys() if _DEMO.match(k)), key=lambda k: int(_DEMO.match(k).group(1)))
 
 
@@ -80,16 +91,24 @@ def read_libero_demos(path: str | os.PathLike, *, images: bool = True,
     except OSError as e:
         raise VlaBenchError(f"{path} is not a readable HDF5 file ({e})") from e
     with f:
-        if "data" not in f:
-            raise VlaBenchError(f"{path} has no 'data' group: not a LIBERO demo file (top-level keys: "
-                                f"{', '.join(f.keys()) or 'none'})")
-        data = f["data"]
-        language, problem_info = _file_language(data, path)
-        keys = demo_keys(data)
-        if not keys:
-            raise VlaBenchError(f"{path}: 'data' holds no demo_<i> groups")
-        for key in keys[:max_demos] if max_demos is not None else keys:
-            yield _read_demo(data[key], key, path, language, problem_info, images)
+        where = "the file's index"
+        try:  # libhdf5 reports damage inside a file as OSError, RuntimeError, KeyError or ValueError
+            if "data" not in f:
+                raise VlaBenchError(f"{path} has no 'data' group: not a LIBERO demo file (top-level keys: "
+                                    f"{', '.join(f.keys()) or 'none'})")
+            data = f["data"]
+            language, problem_info = _file_language(data, path)
+            keys = demo_keys(data)
+            if not keys:
+                raise VlaBenchError(f"{path}: 'data' holds no demo_<i> groups")
+            for key in keys[:max_demos] if max_demos is not None else keys:
+                where = f"data/{key}"
+                demo = _read_demo(data[key], key, path, language, problem_info, images)
+                where = "the file's index"
+                yield demo
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise VlaBenchError(f"{path} is damaged at {where} ({type(e).__name__}: {e}); re-create or "
+                                "re-download the file") from e
 
 
 def _read_demo(demo: h5py.Group, key: str, path: Path, language: str, problem_info: dict, images: bool) -> dict:
@@ -170,7 +189,8 @@ def write_libero_demos(path: str | os.PathLike, episodes: Iterable[Mapping], lan
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     total = 0
-    with h5py.File(path, "w") as f:
+    partial = path.with_name(path.name + ".partial")  # renamed into place once whole: no half-written file at path
+    with h5py.File(partial, "w") as f:
         data = f.create_group("data")
         count = 0
         for i, episode in enumerate(episodes):
@@ -183,6 +203,7 @@ def write_libero_demos(path: str | os.PathLike, episodes: Iterable[Mapping], lan
         data.attrs["macros_image_convention"] = image_convention
         data.attrs["num_demos"] = count
         data.attrs["total"] = total
+    os.replace(partial, path)
     return path
 
 
@@ -196,20 +217,28 @@ def append_libero_demo(path: str | os.PathLike, episode: Mapping, *, compress_im
             raise VlaBenchError(f"{path} has no 'data' group: not a LIBERO demo file")
         data = f["data"]
         keys = demo_keys(data)
+        for stale in set(_all_demo_keys(data)) - set(keys):  # left half-written by a killed writer
+            del data[stale]
         key = f"demo_{int(_DEMO.match(keys[-1]).group(1)) + 1 if keys else 0}"
-        steps = _write_demo(data, key, episode, path, compress_images)
+        f.flush()  # the file as it stands is on disk before the new demo's first byte
+        steps = _write_demo(data, key, episode, path, compress_images, complete=False)
+        f.flush()
+        data[key].attrs[COMPLETE_ATTR] = True
         data.attrs["num_demos"] = len(keys) + 1
-        data.attrs["total"] = int(data.attrs.get("total", 0)) + steps
+        data.attrs["total"] = sum(int(data[k].attrs.get("num_samples", 0)) for k in keys) + steps
     return key
 
 
-def _write_demo(data: h5py.Group, key: str, episode: Mapping, path: Path, compress_images: bool) -> int:
-    """Write one demo group; return its step count."""
+def _write_demo(data: h5py.Group, key: str, episode: Mapping, path: Path, compress_images: bool,
+                complete: bool = True) -> int:
+    """Write one demo group (marked incomplete until the caller has flushed it, unless `complete`); return its
+    step count."""
     if "actions" not in episode:
         raise VlaBenchError(f"{key} for {path} has no 'actions'; keys: {', '.join(episode)}")
     actions = np.asarray(episode["actions"], dtype=np.float64)
     steps = len(actions)
     demo = data.create_group(key)
+    demo.attrs[COMPLETE_ATTR] = complete
     demo.create_dataset("actions", data=actions)
     last = np.zeros(steps, np.uint8)
     if steps:

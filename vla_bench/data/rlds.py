@@ -268,7 +268,11 @@ def decode_episode(data: bytes, specs: Mapping[str, FeatureSpec], where: str = "
     if missing:
         raise VlaBenchError(f"episode in {where} lacks feature(s) {choices(missing)} that features.json declares")
     steps = _num_steps(flat, specs, where)
-    decoded = {key: _decode_feature(flat[key], spec, steps, where) for key, spec in specs.items()}
+    try:
+        decoded = {key: _decode_feature(flat[key], spec, steps, where) for key, spec in specs.items()}
+    except (ValueError, TypeError, OSError, IndexError, OverflowError, KeyError) as e:
+        # damaged values in a well-framed record: an image that is not one, a shape its data do not fill
+        raise VlaBenchError(f"malformed episode in {where}: {type(e).__name__}: {e}") from e
     return unflatten(decoded)
 
 

@@ -71,6 +71,9 @@ def _read_record(f: BinaryIO, path: Path, offset: int, check_crc: bool) -> bytes
     length, length_crc = _HEADER.unpack(header)
     if check_crc and masked_crc32c(header[:8]) != length_crc:
         raise _corrupt(path, offset, "length checksum mismatch")
+    left = os.fstat(f.fileno()).st_size - f.tell()
+    if length > left:  # never ask read() for more than the file holds (a damaged length can claim exabytes)
+        raise _corrupt(path, offset, f"truncated record data ({left} of {length} bytes)")
     data = f.read(length)
     if len(data) < length:
         raise _corrupt(path, offset, f"truncated record data ({len(data)} of {length} bytes)")

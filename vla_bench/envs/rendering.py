@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes.util
 import logging
 import os
+import tempfile
 
 from ..errors import VlaBenchError
 
@@ -60,3 +61,12 @@ def renderer_name(backend: str) -> str:
         return f"{backend}: {vendor} {renderer}"
     except Exception as e:  # no display, no GL library: name the backend alone, and why
         return f"{backend} (renderer unknown: {type(e).__name__})"
+
+
+def private_workdir() -> tempfile.TemporaryDirectory:
+    """Move this simulator process into a temporary working directory of its own and return it (`.cleanup()` it
+    when the process is done). MuJoCo appends every simulator warning to MUJOCO_LOG.TXT in the working directory
+    (it prints them too); the user's folder is no place for it. Simulator processes open no relative paths."""
+    workdir = tempfile.TemporaryDirectory(prefix="vla-bench-sim-")
+    os.chdir(workdir.name)
+    return workdir

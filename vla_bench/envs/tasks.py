@@ -94,3 +94,13 @@ def bddl_language(path: str) -> str:
 def init_states(suite: str, index: int) -> np.ndarray:
     """LIBERO's fixed init states of a task: episode i of the protocol starts from row i."""
     return _benchmark(suite).get_task_init_states(index)
+
+
+def check_episodes(episodes: int | None, suite: str) -> None:
+    """Episode i starts from init state i, so --episodes cannot exceed the fewest init states of a task."""
+    if episodes is None:
+        return
+    available = min(len(init_states(suite, task.index)) for task in suite_tasks(suite))
+    if episodes > available:
+        raise VlaBenchError(f"--episodes {episodes}: {suite} has {available} init states per task (episode i starts "
+                            f"from init state i), so at most --episodes {available}")

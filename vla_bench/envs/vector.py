@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..protocol import Protocol
+from .rendering import private_workdir
 
 
 @dataclass
@@ -32,7 +33,7 @@ class SlotResult:
 
 def _run_episode(env, policy, init_index: int, seed: int, instruction: str, record_frames: bool) -> dict:
     """One whole episode inside the worker, for policies cheap enough to copy into every worker."""
-    from ..rollout import upright_frame
+    from ..rollout import action_error, upright_frame
 
     started = time.perf_counter()
     policy.reset(0, seed)
@@ -40,8 +41,11 @@ def _run_episode(env, policy, init_index: int, seed: int, instruction: str, reco
     frames = [upright_frame(obs)] if record_frames else None
     success, steps = False, 0
     while steps < env.protocol.max_steps and not success:
-        action = np.asarray(policy.act([obs], [instruction], [0]))[0]
-        obs, success = env.step(action)
+        actions = np.asarray(policy.act([obs], [instruction], [0]))
+        error = action_error(actions[0] if actions.shape[:1] == (1,) else actions, steps + 1)
+        if error is not None:
+            return SlotResult(None, error=error)
+        obs, success = env.step(actions[0])
         steps += 1
         if record_frames:
             frames.append(upright_frame(obs))
@@ -54,6 +58,7 @@ def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privilege
     # one BLAS thread per worker: the workers already fill the cores, more threads only oversubscribe them
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     env = None
+    workdir = private_workdir()  # MuJoCo's MUJOCO_LOG.TXT goes there, not into the user's folder
     try:
         from .libero import LiberoTaskEnv
 
@@ -87,6 +92,7 @@ def _worker(conn, protocol: Protocol, task_index: int, cameras: tuple, privilege
         if env is not None:
             env.close()
         conn.close()
+        workdir.cleanup()
 
 
 class VectorLiberoEnv:

@@ -160,6 +160,31 @@ def register_candidate(registry, name: str, base: str, result: dict, unnorm_key:
     return registry.add_entry(name, values, comment=comment, replace=replace)
 
 
+def _finished_output(out: Path) -> Path | None:
+    """The adapter (LoRA) or model (--full) folder of a finished run in `out` (train.py renames it into place
+    whole, last), else None."""
+    return next((out / name for name in ("adapter", "model") if (out / name).is_dir()), None)
+
+
+def _entry_points_at(entry, folder: Path) -> bool:
+    value = entry.options.get("adapter") or entry.options.get("source")
+    return value is not None and entry.resolve_path(value) == folder.resolve()
+
+
+def _register_finished(args, registry, out: Path, finished: Path) -> int:
+    """Write the entry of a run that finished but was killed before its entry was written."""
+    kind = _data_kind(args)
+    unnorm_key = args.unnorm_key or default_unnorm_key(kind, args.data, not args.no_noop_filter)
+    config = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").is_file() else {}
+    image_aug = bool(config.get("image_aug", not args.no_image_aug))
+    result = {finished.name: str(finished)}
+    comment = f"vla-bench finetune: run folder {out} (entry written when the finished run was found)"
+    spec = register_candidate(registry, args.name, args.base, result, unnorm_key, args.baseline or args.base,
+                              image_aug, comment, action_repeat=args.action_repeat)
+    print(f"vla-bench finetune: {out} was finished; wrote [checkpoints.{spec.name}] to {registry.path}")
+    return 0
+
+
 def run_finetune(args) -> int:
     """The `vla-bench finetune` command; returns the exit status."""
     from ..registry import Registry
@@ -172,6 +197,16 @@ def run_finetune(args) -> int:
     started = time.monotonic()
     registry = Registry.load(getattr(args, "checkpoints_file", None))
     base_spec, base_dir = _base_entry(registry, args.base)
+    out = Path(args.out) if args.out else Path("runs") / args.name
+    finished = _finished_output(out)
+    if finished is not None and not args.no_register and not args.replace:
+        # the same command again after a kill between the final write and the entry: finish what is left
+        entry = registry.checkpoints.get(args.name)
+        if entry is None:
+            return _register_finished(args, registry, out, finished)
+        if _entry_points_at(entry, finished):
+            print(f"vla-bench finetune: {out} is finished and [checkpoints.{args.name}] names it; nothing to do")
+            return 0
     if args.name in registry.checkpoints and not args.replace and not args.no_register:
         raise VlaBenchError(f"{registry.path}: entry [checkpoints.{args.name}] exists already; choose another "
                             "--name or pass --replace")
@@ -185,8 +220,7 @@ def run_finetune(args) -> int:
 
         check_cuda_graph_options(config_from_args(args, base_dir, Path("."), "", "openvla"),
                                  resolve_device(args.device), int(os.environ.get("WORLD_SIZE", "1")))
-    out = Path(args.out) if args.out else Path("runs") / args.name
-    if (out / "adapter").exists() or (out / "model").exists():
+    if finished is not None:
         raise VlaBenchError(f"{out}: holds a finished run already; choose another --out or --name")
 
     kind = _data_kind(args)

@@ -20,8 +20,11 @@ and continues the same loss curve (bit-identical on CPU; on GPU up to kernel non
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -208,8 +211,9 @@ def write_outputs(cfg: TrainConfig, d: Dist, out: Path, snap, vla, peft_model, m
         result["final"] = json.loads(lines[-1]) if lines else {}
         if peft_model is not None:
             adapter = out / "adapter"
-            peft_model.save_pretrained(str(adapter), save_embedding_layers=False)
-            write_dataset_statistics(adapter, norm_stats)  # the kind reads a fine-tune's stats next to the adapter
+            with _written_whole(adapter) as partial:  # `adapter` existing means the run finished
+                peft_model.save_pretrained(str(partial), save_embedding_layers=False)
+                write_dataset_statistics(partial, norm_stats)  # the kind reads a fine-tune's stats beside it
             result["adapter"] = str(adapter)
             if cfg.merge:
                 if cfg.fp8_base:  # merge into the base's own weights, read back from its snapshot (exact)
@@ -218,16 +222,30 @@ def write_outputs(cfg: TrainConfig, d: Dist, out: Path, snap, vla, peft_model, m
                     restore_frozen_linears(vla, cfg.base)
                 merged = peft_model.merge_and_unload()
                 stats = {**snap.norm_stats, **norm_stats}
-                write_snapshot(out / "merged", merged, stats, cfg.base)
-                write_dataset_statistics(out / "merged", norm_stats)
+                with _written_whole(out / "merged") as partial:
+                    write_snapshot(partial, merged, stats, cfg.base)
+                    write_dataset_statistics(partial, norm_stats)
                 result["merged"] = str(out / "merged")
         else:
-            write_snapshot(out / "model", final_model, {**snap.norm_stats, **norm_stats}, cfg.base)
-            write_dataset_statistics(out / "model", norm_stats)
+            with _written_whole(out / "model") as partial:
+                write_snapshot(partial, final_model, {**snap.norm_stats, **norm_stats}, cfg.base)
+                write_dataset_statistics(partial, norm_stats)
             result["model"] = str(out / "model")
         plots.plot_curves(log_path, out / "curves.png")
         result["plot"] = str(out / "curves.png")
     return result
+
+
+@contextlib.contextmanager
+def _written_whole(folder: Path):
+    """Yield a temporary sibling folder to write into, renamed to `folder` once the writing is done: a killed run
+    leaves no half-written adapter or snapshot where a finished one is looked for."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
 
 
 def _record_fp8(config_path: Path, vla) -> None:

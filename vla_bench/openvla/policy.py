@@ -70,6 +70,11 @@ class OpenVLAPolicy:
         self.observation_transform = image.FrameChain(self.suite.image_key, self.suite.flip,
                                                       self.center_crop, base.model.arch.image_size)
 
+    @property
+    def device(self):
+        """The device the model's weights are on (recorded with every result row)."""
+        return next(self.base.model.parameters()).device
+
     def reset(self, slot: int, seed: int) -> None:
         """A new episode in `slot`: its action-repeat phase restarts (greedy decoding itself keeps no state)."""
         self.repeater.reset(slot)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host, after `. tools/gpu/setup_host.sh`: run `vla-bench doctor` (every suite the bundle holds, every
 # task and init state) under each mujoco version given: "bundle" is the bundle's own (the validated pin), a version
-# number installs .mj/mujoco-VERSION-*.whl over it. Figures go to OUT/doctor-VERSION.{txt,json}.
+# number installs ${MJ_DIR:-.mj}/mujoco-VERSION-*.whl over it. Figures go to OUT/doctor-VERSION.{txt,json}.
 #   bash tools/gpu/scene_sweep.sh OUT bundle 3.17.0 3.3.3 ...      (WORKERS, default 16; DOCTOR_ARGS, e.g. --init-states 10)
 set -uo pipefail
 out=$1; shift
@@ -11,7 +11,7 @@ for v in "$@"; do
   export PYTHONPATH=$base
   if [ "$v" != bundle ]; then
     rm -rf "/tmp/mj-$v" && mkdir -p "/tmp/mj-$v"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "/tmp/mj-$v" .mj/mujoco-"$v"-*.whl || continue
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "/tmp/mj-$v" "${MJ_DIR:-.mj}"/mujoco-"$v"-*.whl || continue
     export PYTHONPATH=/tmp/mj-$v:$base
   fi
   version=$(python3 -c 'import mujoco; print(mujoco.__version__)')

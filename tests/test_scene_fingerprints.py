@@ -29,6 +29,17 @@ def test_fingerprints_cover_every_suite_task_and_init_state(prints):
             assert len(names) == len(poses) >= 2
             assert prints.reference(suite, task, len(init_states(suite, task))) is None
     assert prints.meta["versions"]["mujoco"] == "2.3.7" and prints.meta["versions"]["robosuite"] == "1.4.0"
+    for suite in LIBERO_SUITES:  # a reference frame is a picture of the scene, not a blank
+        assert prints.frame(suite).shape == (64, 64, 3) and prints.frame(suite).std() > 20
+
+
+@pytest.mark.sim
+def test_this_stack_renders_the_reference_frame(prints):
+    """An agentview frame rendered here by an evaluation env (its own GL context, after the renderer was named)
+    matches the stored reference frame; a blank or moved frame would be tens of levels off."""
+    figures = doctor.check_rendering(prints, ["libero_spatial"], workers=1)
+    assert figures["libero_spatial"]["ok"] and figures["libero_spatial"]["mean_abs_diff"] < 1.0
+    assert figures["libero_spatial"]["renderer"].startswith("egl: ")
 
 
 def test_reference_task6_bowl_is_seated_on_the_ramekin(prints):

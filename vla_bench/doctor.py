@@ -32,6 +32,8 @@ def add_doctor_arguments(parser) -> None:
     parser.add_argument("--fingerprints", default=None, metavar="PATH",
                         help=f"reference fingerprint file (default: ${fingerprint.FINGERPRINTS_ENV} or the package's)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
+    parser.add_argument("--frames", default=None, metavar="DIR",
+                        help="write each suite's rendered frame beside the reference (PNG) to look at")
 
 
 def spread(n: int, k: int | None) -> list[int]:
@@ -103,7 +105,7 @@ def check_scenes(prints, jobs, workers: int, report=print, settle=fingerprint.se
     return figures
 
 
-def check_rendering(prints, suites, workers: int, report=print) -> dict:
+def check_rendering(prints, suites, workers: int, report=print, frames_dir: str | None = None) -> dict:
     figures = {}
     jobs = [(suite,) for suite in suites if prints.frame(suite) is not None]
     for (suite,), result in run_parallel(fingerprint.render_reference, jobs, workers):
@@ -113,8 +115,21 @@ def check_rendering(prints, suites, workers: int, report=print) -> dict:
             continue
         frame, renderer = result
         diff = fingerprint.render_difference(prints.frame(suite), frame)
+        if frames_dir:
+            _save_frames(Path(frames_dir), suite, frame, prints.frame(suite))
         figures[suite] = {"mean_abs_diff": diff, "renderer": renderer, "ok": diff <= fingerprint.RENDER_TOLERANCE}
     return figures
+
+
+def _save_frames(folder: Path, suite: str, frame: np.ndarray, reference: np.ndarray) -> None:
+    """This stack's frame (downscaled like the reference) and the reference, side by side, upright."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = np.round(fingerprint.downscale(frame)).astype(np.uint8)
+    pair = np.concatenate([ours[::-1, ::-1], reference.astype(np.uint8)[::-1, ::-1]], axis=1)
+    Image.fromarray(np.ascontiguousarray(pair)).resize((pair.shape[1] * 4, pair.shape[0] * 4), Image.NEAREST) \
+        .save(folder / f"{suite}.png")
 
 
 def run_doctor(args) -> int:
@@ -142,7 +157,7 @@ def run_doctor(args) -> int:
         print(f"{suite}: {checked - bad}/{checked} scenes match"
               + (f", {len(errors)} tasks could not be checked" if errors else "")
               + f" (largest offset {worst.get('worst_distance_m', 0.0) * 100:.2f} cm)")
-    renders = {} if args.no_render else check_rendering(prints, args.suite, args.workers)
+    renders = {} if args.no_render else check_rendering(prints, args.suite, args.workers, frames_dir=args.frames)
     for suite, r in renders.items():
         if "error" in r:
             failed = True

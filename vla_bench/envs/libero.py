@@ -33,6 +33,9 @@ class LiberoTaskEnv:
         self.init_states = init_states(protocol.suite, task_index)
         self.cameras = tuple(cameras)
         self.privileged = privileged
+        # named before the env's own GL context exists: probing makes a context current and frees it, which would
+        # leave the env's context not current on drivers that do not restore it
+        self.renderer = rendering.renderer_name(self.backend) if cameras else f"{self.backend} (no cameras)"
         kwargs = dict(bddl_file_name=self.task.bddl_path, has_renderer=False, hard_reset=False,
                       has_offscreen_renderer=bool(cameras), use_camera_obs=bool(cameras))
         if cameras:
@@ -43,7 +46,6 @@ class LiberoTaskEnv:
         self._fixture_homes: list | None = None  # (body id, pos, quat) of each fixture in the model file
         #: the verdict on the last evaluation reset's settled scene against the reference stack's fingerprint
         self.scene_check: SceneCheck | None = None
-        self.renderer = rendering.renderer_name(self.backend) if cameras else f"{self.backend} (no cameras)"
 
     def reset(self, init_index: int, seed: int) -> dict:
         """Start the episode on init state `init_index` and step the protocol's wait steps."""

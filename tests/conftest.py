@@ -1,9 +1,9 @@
-"""Shared test helpers: running pytest/vla-bench in a subprocess, as a user would from the repo root."""
+"""Shared test helpers: the simulator's environment variables, checkpoints.toml files, and a user's project in a
+temporary directory in which pytest runs as a user runs it (`project`)."""
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +18,6 @@ def sim_env(**extra) -> dict:
     env.pop("PYTEST_ADDOPTS", None)
     env.update(extra)
     return env
-
-
-def run_pytest(*args: str, cwd: Path = REPO, timeout: float = 900, env: dict | None = None):
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env or sim_env())
 
 
 @pytest.fixture

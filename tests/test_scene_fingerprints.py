@@ -77,6 +77,16 @@ def test_check_names_what_moved_and_ignores_small_noise(prints):
     assert prints.check("libero_spatial", 0, 7, names[::-1], poses[::-1]).status == "mismatch"  # other objects
 
 
+def test_a_darker_floor_fails_the_render_check(prints):
+    """The stored frame upscaled back to full size passes; the same frame 15% darker (mujoco 3.3.3 drew
+    LIBERO-Object's floor darker, measured at 36 levels) does not."""
+    reference = prints.frame("libero_object")
+    frame = np.repeat(np.repeat(reference, fingerprint.RENDER_DOWNSCALE, 0), fingerprint.RENDER_DOWNSCALE, 1)
+    assert fingerprint.render_difference(reference, frame) < 0.5
+    darker = (frame * 0.85).astype(np.uint8)
+    assert fingerprint.render_difference(reference, darker) > fingerprint.RENDER_TOLERANCE
+
+
 def test_spread_and_ranges():
     assert doctor.spread(50, None) == list(range(50))
     assert doctor.spread(50, 3) == [0, 24, 49] or doctor.spread(50, 3) == [0, 25, 49]

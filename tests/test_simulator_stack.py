@@ -7,9 +7,10 @@ import tomlkit
 from packaging.requirements import Requirement
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-#: `vla-bench doctor` on every suite, task and init state (GPU host, Python 3.12; see the README's validated stacks)
+#: measured with `vla-bench doctor` (README, "The simulator stack"): the closest stacks to the reference on 3.12
 MATCHING = ("3.3.0", "3.3.1", "3.3.2")
-#: 3.3.3 renders floors darker; from 3.4.0 on libero_spatial task6's bowl no longer seats on the ramekin
+#: 3.3.3 draws LIBERO-Object's floor 36 levels darker; robosuite 1.4.0 fails on 3.4.0; on 3.17.0 libero_spatial
+#: task6's bowl no longer seats on the ramekin
 DIFFERING = ("3.3.3", "3.4.0", "3.17.0")
 
 

@@ -71,6 +71,12 @@ def run_parallel(fn, jobs, workers: int):
                 yield futures[future], e
 
 
+def _short(error: Exception, limit: int = 300) -> str:
+    """An exception in one line of at most `limit` characters (some simulator errors print whole matrices)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
     parts, start = [], None
@@ -90,7 +96,7 @@ def check_scenes(prints, jobs, workers: int, report=print, settle=fingerprint.se
     for (suite, task, inits), result in run_parallel(settle, jobs, workers):
         entry = figures.setdefault(suite, {})[f"task{task + 1}"] = {"checked": len(inits)}
         if isinstance(result, Exception):
-            entry["error"] = f"{type(result).__name__}: {result}"
+            entry["error"] = _short(result)
             report(f"  {suite} task{task + 1}: ERROR {entry['error']}")
             continue
         names, poses = result
@@ -110,7 +116,7 @@ def check_rendering(prints, suites, workers: int, report=print, frames_dir: str 
     jobs = [(suite,) for suite in suites if prints.frame(suite) is not None]
     for (suite,), result in run_parallel(fingerprint.render_reference, jobs, workers):
         if isinstance(result, Exception):
-            figures[suite] = {"error": f"{type(result).__name__}: {result}"}
+            figures[suite] = {"error": _short(result)}
             report(f"  render {suite}: ERROR {figures[suite]['error']}")
             continue
         frame, renderer = result
@@ -149,7 +155,7 @@ def run_doctor(args) -> int:
     scenes = check_scenes(prints, jobs, args.workers)
     failed = False
     for suite, tasks in scenes.items():
-        checked = sum(t["checked"] for t in tasks.values())
+        checked = sum(t["checked"] for t in tasks.values() if "error" not in t)
         bad = sum(len(t.get("mismatched", [])) for t in tasks.values())
         errors = [name for name, t in tasks.items() if "error" in t]
         worst = max(tasks.values(), key=lambda t: t.get("worst_distance_m", 0.0))

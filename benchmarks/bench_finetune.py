@@ -1,7 +1,7 @@
 """LoRA fine-tuning throughput and peak memory of the full OpenVLA-7B architecture (random weights) on one GPU, with
 the published recipe: LoRA r=32 alpha 16 on the published target set (110.8M trainable), AdamW lr 5e-4 (fused, as
 the trainer builds it on CUDA), bf16 weights + autocast, micro-batch 16, gradient checkpointing; the trainer's own
-forward (vla_bench/finetune/train.py).
+forward (vla_bench/finetune/model.py).
 
     python3 -m pytest benchmarks/bench_fp8_cuda.py benchmarks/bench_finetune.py -s    # sanity first, then this
 
@@ -51,8 +51,8 @@ def say(text: str) -> None:
 @pytest.fixture(scope="module")
 def setup():
     from vla_bench.finetune.collate import IGNORE_INDEX
-    from vla_bench.finetune.train import ActionModel, TrainConfig, add_lora, keep_lora_inputs_in_autocast_dtype, \
-        make_optimizer
+    from vla_bench.finetune.config import TrainConfig
+    from vla_bench.finetune.model import ActionModel, add_lora, keep_lora_inputs_in_autocast_dtype, make_optimizer
     from vla_bench.openvla.model import Arch, OpenVLA
 
     # the model is recompiled after each in-place change (FP8 layers, capture-safe checkpointing): dynamo's default
@@ -199,13 +199,13 @@ def test_lora_variants(benchmark, setup, variant):
 
 # ---- the model's states, each put in place by the tests that need it ------------------------------------------------
 def _is_compiled(vla) -> bool:
-    from vla_bench.finetune.train import transformer_blocks
+    from vla_bench.finetune.model import transformer_blocks
 
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(vla))
 
 
 def _ensure_compiled(vla) -> int:
-    from vla_bench.finetune.train import compile_blocks, transformer_blocks
+    from vla_bench.finetune.model import compile_blocks, transformer_blocks
 
     return len(transformer_blocks(vla)) if _is_compiled(vla) else compile_blocks(vla)
 
@@ -296,7 +296,8 @@ def _graphed(setup, label: str):
     """A GraphedTrainStep over the shared model with its own capturable fused AdamW (the recipe's optimizer state is
     dropped first, so memory compares), primed (warmup steps and the capture) inside a fresh peak-memory window."""
     from vla_bench.finetune.cuda_graph import GraphedTrainStep
-    from vla_bench.finetune.train import TrainConfig, make_optimizer
+    from vla_bench.finetune.config import TrainConfig
+    from vla_bench.finetune.model import make_optimizer
 
     model, optimizer, batch, _, _ = setup
     optimizer.state.clear()

@@ -88,7 +88,9 @@ def _tiny_run(root, cuda_graph: bool, compile: bool):
     """train() on a tiny OpenVLA (two tasks, coloured frames, task actions plus noise): (result, losses by step)."""
     import json
 
-    from vla_bench.finetune.train import Examples, TrainConfig, train
+    from vla_bench.finetune.config import TrainConfig
+    from vla_bench.finetune.examples import Examples
+    from vla_bench.finetune.train import train
     from vla_bench.openvla import tiny
 
     snap = root / "snap"

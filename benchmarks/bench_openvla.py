@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from vla_bench.openvla.model import OPENVLA_7B_CONFIG, Arch, FastGenerator, OpenVLA
+from vla_bench.openvla.fast_generator import FastGenerator
+from vla_bench.openvla.model import OPENVLA_7B_CONFIG, Arch, OpenVLA
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

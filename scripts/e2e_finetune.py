@@ -157,7 +157,7 @@ class Background:
 
 
 SIM_ENV = {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl"}
-COLLECT = ("import argparse, sys; from vla_bench.collect import add_collect_arguments, run_collect; "
+COLLECT = ("import argparse, sys; from vla_bench.collect.cli import add_collect_arguments, run_collect; "
            "p = argparse.ArgumentParser(); p.add_argument('--checkpoints-file'); add_collect_arguments(p); "
            "sys.exit(run_collect(p.parse_args(sys.argv[1:])))")
 
@@ -255,12 +255,13 @@ PROXY_SUITE = "libero_demos"
 
 def proxy_figures(results: Path, checkpoint: str) -> dict:
     """The open-loop suite's figures for a checkpoint, as the plugin stored them (value and 95% bootstrap CI)."""
-    import sqlite3
+    from vla_bench.results import ResultsStore
 
-    from vla_bench.proxy_suites import load_figures
-
-    with sqlite3.connect(results) as db:
-        return load_figures(db, checkpoint, PROXY_SUITE)
+    store = ResultsStore(results)
+    try:
+        return store.proxy_figures(checkpoint, PROXY_SUITE)
+    finally:
+        store.close()
 
 
 def demo_files(work: Path, heldout_task: int) -> tuple[list[Path], list[Path]]:

@@ -176,7 +176,7 @@ def test_finetune_command_passes_its_action_repeat_to_the_entry(checkpoints_file
     """`vla-bench finetune --action-repeat 2` (training stubbed out) writes the rule into train_config.json's data
     and `action_repeat = 2` into the new entry."""
     from vla_bench.data.libero_hdf5 import write_libero_demos
-    from vla_bench.finetune import cli, train
+    from vla_bench.finetune import cli, examples, train
 
     (tmp_path / "snap").mkdir()
     (tmp_path / "snap" / "config.json").write_text(json.dumps({"image_sizes": [224]}))
@@ -191,7 +191,7 @@ def test_finetune_command_passes_its_action_repeat_to_the_entry(checkpoints_file
         seen.update(extra)
         return {"adapter": str(Path(cfg.out) / "adapter"), "steps": 0, "final": {}}
 
-    monkeypatch.setattr(train, "prepare_examples", lambda *a, **k: None)
+    monkeypatch.setattr(examples, "prepare_examples", lambda *a, **k: None)
     monkeypatch.setattr(train, "train", fake_train)
     path = checkpoints_file(ENTRY)
     assert cli.main(["--checkpoints-file", str(path), "--base", "tiny-base", "--data", str(demos), "--name",

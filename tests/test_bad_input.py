@@ -9,7 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_pytest
+from tests.conftest import REPO
 from vla_bench.errors import VlaBenchError
 
 pytest_plugins = ["pytester"]
@@ -89,9 +89,9 @@ def test_a_text_file_as_results_store_is_named(tmp_path):
     assert path.read_text() == "not a database, just notes\n" * 100
 
 
-def test_a_folder_as_results_store_is_one_usage_error(tmp_path, noop_file):
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoints-file", noop_file,
-                        "--vla-results", str(tmp_path))
+def test_a_folder_as_results_store_is_one_usage_error(project, tmp_path, noop_file):
+    result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoints-file", noop_file,
+                         "--vla-results", str(tmp_path))
     assert str(tmp_path) in usage_error(result, "`--vla-results` pointing at a folder")
 
 
@@ -125,13 +125,13 @@ def test_report_reads_a_store_it_cannot_write(tmp_path, capsys):
     assert "0/1" in capsys.readouterr().out
 
 
-def test_the_pytest_run_refuses_a_foreign_sqlite_file_and_leaves_it_alone(tmp_path, noop_file):
+def test_the_pytest_run_refuses_a_foreign_sqlite_file_and_leaves_it_alone(project, tmp_path, noop_file):
     path = tmp_path / "other.db"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE notes (text TEXT)")
     before = path.read_bytes()
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoints-file", noop_file,
-                        "--vla-results", str(path))
+    result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoints-file", noop_file,
+                         "--vla-results", str(path))
     output = result.stdout + result.stderr
     assert result.returncode == 4 and "not a vla-bench results store" in output and str(path) in output, output
     assert path.read_bytes() == before
@@ -141,38 +141,38 @@ def test_the_pytest_run_refuses_a_foreign_sqlite_file_and_leaves_it_alone(tmp_pa
 
 
 @pytest.mark.parametrize("option, value", [("--episodes", "0"), ("--episodes", "-3"), ("--max-steps", "0")])
-def test_episode_counts_below_one_are_one_usage_error_before_collection(noop_file, option, value):
-    result = run_pytest("suites/libero_spatial", option, value, "--checkpoints-file", noop_file)
+def test_episode_counts_below_one_are_one_usage_error_before_collection(project, noop_file, option, value):
+    result = project.run("suites/libero_spatial", option, value, "--checkpoints-file", noop_file)
     output = usage_error(result, "`--episodes 0`, `--episodes -3`, `--max-steps 0`")
     assert f"{option} must be at least 1, got {value}" in output
     assert "collected" not in output
 
 
-def test_more_episodes_than_init_states_is_refused_naming_the_maximum(noop_file):
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--episodes", "51", "--checkpoints-file", noop_file)
+def test_more_episodes_than_init_states_is_refused_naming_the_maximum(project, noop_file):
+    result = project.run("suites/libero_spatial", "-k", "task1", "--episodes", "51", "--checkpoints-file", noop_file)
     output = usage_error(result, "`--episodes 51` (LIBERO has 50 init states per task)")
     assert "libero_spatial has 50 init states per task" in output
 
 
-def test_an_unknown_suite_in_vla_data_is_refused():
-    result = run_pytest("suites/bridge_v2", "--vla-data", "nosuch=/tmp/x", "--collect-only")
+def test_an_unknown_suite_in_vla_data_is_refused(project):
+    result = project.run("suites/bridge_v2", "--vla-data", "nosuch=/tmp/x", "--collect-only")
     usage_error(result, "`--vla-data nosuch=PATH`")
 
 
-def test_a_missing_suite_folder_lists_the_suites(noop_file):
-    result = run_pytest("suites/libero_nosuch", "--checkpoints-file", noop_file)
+def test_a_missing_suite_folder_lists_the_suites(project, noop_file):
+    result = project.run("suites/libero_nosuch", "--checkpoints-file", noop_file)
     output = usage_error(result, "`pytest suites/libero_nosuch`")
     assert "libero_spatial" in output and "bridge_v2" in output
 
 
-def test_a_task_beyond_the_suite_lists_the_task_range(noop_file):
-    result = run_pytest("suites/libero_spatial", "-k", "task99", "--checkpoints-file", noop_file)
+def test_a_task_beyond_the_suite_lists_the_task_range(project, noop_file):
+    result = project.run("suites/libero_spatial", "-k", "task99", "--checkpoints-file", noop_file)
     usage_error(result, "`pytest suites/libero_spatial -k task99`")
 
 
-def test_a_task_word_inside_the_range_still_selects_as_before(noop_file):
-    result = run_pytest("suites/libero_spatial", "-k", "task3 or task99", "--checkpoints-file", noop_file,
-                        "--collect-only", "-q")
+def test_a_task_word_inside_the_range_still_selects_as_before(project, noop_file):
+    result = project.run("suites/libero_spatial", "-k", "task3 or task99", "--checkpoints-file", noop_file,
+                         "--collect-only", "-q")
     assert result.returncode == 0 and "test_task[task3-noop]" in result.stdout, result.stdout + result.stderr
 
 

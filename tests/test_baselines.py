@@ -5,7 +5,7 @@ import pytest
 
 from vla_bench import baselines
 from vla_bench.errors import VlaBenchError
-from vla_bench.metrics.gate import FAIL, compare_suite
+from vla_bench.metrics.verdicts import FAIL, compare_suite
 from vla_bench.protocol import reference_protocol
 
 

@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from vla_bench.collect import FAILED_ATTR, collect, demo_seed, task_file
+from vla_bench.collect.runner import collect, demo_seed
+from vla_bench.collect.writer import FAILED_ATTR, task_file
 from vla_bench.data.libero_hdf5 import libero_episodes, read_libero_demos, write_libero_demos
 
 pytestmark = pytest.mark.sim
@@ -76,7 +77,7 @@ def test_collect_two_demos_reads_back_and_resumes(tmp_path):
 def test_worker_records_both_cameras(tmp_path):
     """A few steps through the collector's own worker, with both cameras at 64x64: images are stored per step as
     LIBERO stores them and come back through the readers."""
-    from vla_bench.collect import _worker
+    from vla_bench.collect.runner import _worker
     from vla_bench.policies.scripted import ScriptedExpert
     from vla_bench.protocol import reference_protocol
     import dataclasses
@@ -116,29 +117,29 @@ def test_a_file_from_an_older_random_reset_is_not_resumed(tmp_path):
     """Demos recorded under other random-reset semantics (envs/libero.py RANDOM_RESET_VERSION) started from other
     scenes: resuming into such a file would mix them, so collect refuses and names the file; a fresh file records
     the current version."""
-    from vla_bench.collect import RESET_ATTR, _open_task_file
+    from vla_bench.collect.writer import RESET_ATTR, open_task_file
     from vla_bench.envs.libero import RANDOM_RESET_VERSION
     from vla_bench.envs.tasks import suite_tasks
     from vla_bench.errors import VlaBenchError
 
     task = suite_tasks(SUITE)[0]
     path = tmp_path / "t_demo.hdf5"
-    assert _open_task_file(path, task, SUITE, {}) == (0, set(), set())
+    assert open_task_file(path, task, SUITE, {}) == (0, set(), set())
     with h5py.File(path, "r") as f:
         assert int(f["data"].attrs[RESET_ATTR]) == RANDOM_RESET_VERSION
-    assert _open_task_file(path, task, SUITE, {}) == (0, set(), set())  # the current version resumes
+    assert open_task_file(path, task, SUITE, {}) == (0, set(), set())  # the current version resumes
     with h5py.File(path, "a") as f:  # as a file written before the version was recorded, with one attempt in it
         del f["data"].attrs[RESET_ATTR]
         f["data"].attrs[FAILED_ATTR] = "[12345]"
     with pytest.raises(VlaBenchError, match="t_demo.hdf5.*random-reset version 1.*delete the file"):
-        _open_task_file(path, task, SUITE, {})
+        open_task_file(path, task, SUITE, {})
 
 
 def test_action_noise_executes_perturbed_actions_and_records_the_experts(tmp_path):
     """Under --action-noise the simulator runs the perturbed arm actions (stored as executed_actions) while `actions`
     keeps the expert's own commands: the two differ on the arm, agree on the gripper, stay in range, and the file
     records sigma, so a resume with another sigma is refused."""
-    from vla_bench.collect import NOISE_ATTR, _open_task_file
+    from vla_bench.collect.writer import NOISE_ATTR, open_task_file
     from vla_bench.envs.tasks import suite_tasks
     from vla_bench.errors import VlaBenchError
 
@@ -156,8 +157,8 @@ def test_action_noise_executes_perturbed_actions_and_records_the_experts(tmp_pat
     assert np.all(np.abs(noise).max(axis=1) > 0)  # every step is perturbed
     assert 0.05 < noise.std() < 0.15  # sigma 0.1, a little less where clipping bites
     with pytest.raises(VlaBenchError, match="--action-noise 0.1, not 0"):
-        _open_task_file(task.path, suite_tasks(SUITE)[5], SUITE, {}, action_noise=0.0)
-    assert _open_task_file(task.path, suite_tasks(SUITE)[5], SUITE, {}, action_noise=0.1)[0] == 1
+        open_task_file(task.path, suite_tasks(SUITE)[5], SUITE, {}, action_noise=0.0)
+    assert open_task_file(task.path, suite_tasks(SUITE)[5], SUITE, {}, action_noise=0.1)[0] == 1
 
 
 def test_a_demo_replays_in_the_evaluation_env_frame_for_frame(tmp_path):

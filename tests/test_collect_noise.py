@@ -3,7 +3,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vla_bench.collect import ARM_DIMS, perturb
+from vla_bench.collect.episode import ARM_DIMS, perturb
 
 
 @settings(max_examples=50, deadline=None)

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import run_pytest
 from vla_bench.policies import skills
 from vla_bench.policies.scripted import _View
 from vla_bench.policies.skills.drawer import _Drawer, hand_frame, is_reached, open_sign
@@ -103,10 +102,10 @@ def test_only_flat_wide_objects_going_to_a_table_region_are_pushed():
 # ---- closed loop -----------------------------------------------------------------------------------------------
 @pytest.mark.sim
 @pytest.mark.parametrize("suite, task", [("libero_goal", "task1")])
-def test_the_expert_solves_the_newly_solved_tasks(tmp_path, suite, task):
+def test_the_expert_solves_the_newly_solved_tasks(project, tmp_path, suite, task):
     """Two episodes of each task a new skill solves (libero_goal task1: open the middle drawer), no cameras."""
-    result = run_pytest(f"suites/{suite}", "-k", task, "--checkpoint", "expert", "--episodes", "2",
-                        "--vla-workers", "1", "--vla-results", str(tmp_path / "r.sqlite"), "-q")
+    result = project.run(f"suites/{suite}", "-k", task, "--checkpoint", "expert", "--episodes", "2",
+                         "--vla-workers", "1", "--vla-results", str(tmp_path / "r.sqlite"), "-q")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert re.search(rf"{suite}\s+│\s+{task}\s+│\s+expert\s+│\s+2/2", output), output

@@ -65,13 +65,13 @@ def episode_rows(db: Path) -> list[tuple]:
 
 
 @pytest.mark.sim
-def test_a_killed_suite_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path):
+def test_a_killed_suite_run_resumes_to_the_rows_of_an_uninterrupted_one(project, tmp_path):
     (tmp_path / "checkpoints.toml").write_text('default = "noop"\n[checkpoints.noop]\nkind = "noop"\n'
                                                '[thresholds.libero_spatial]\ndefault = 0.0\n')
     env = sim_env()
 
     def command(db: Path) -> list[str]:
-        return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(REPO / "suites/libero_spatial"),
+        return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(project.path / "suites/libero_spatial"),
                 "-k", "task1", "--checkpoints-file", str(tmp_path / "checkpoints.toml"), "--episodes", "8",
                 "--max-steps", "15", "--vla-workers", "1", "--vla-results", str(db)]
 

@@ -16,7 +16,7 @@ from vla_bench.finetune.data import (NOOP_THRESHOLD, aggregate_steps, execution_
                                      load_training_data, noop_mask)
 from vla_bench.finetune.stats import compute_norm_stats, dataset_statistics, write_dataset_statistics
 from vla_bench.openvla.checkpoint import read_norm_stats
-from vla_bench.openvla.gripper import postprocess
+from vla_bench.gripper import OPEN_IS_MINUS_1, postprocess
 from vla_bench.openvla.normalization import action_stats, normalize, unnormalize
 
 OPEN, CLOSE = -1.0, 1.0  # LIBERO's raw gripper commands
@@ -84,7 +84,7 @@ def test_training_gripper_is_openvlas_and_evaluation_inverts_it():
     assert g.tolist() == [1.0, 0.0]  # OpenVLA's datasets: 1 = open, 0 = closed
     # the model predicts these un-normalized; decoding gives bin centres (0.996 for 1.0): eval maps them back
     for predicted, command in ((g[0], OPEN), (g[1], CLOSE), (0.99608, OPEN), (0.0, CLOSE)):
-        out = postprocess(np.array([[0, 0, 0, 0, 0, 0, predicted]]), "libero")
+        out = postprocess(np.array([[0, 0, 0, 0, 0, 0, predicted]]), OPEN_IS_MINUS_1)
         assert out[0, 6] == command
 
 

@@ -35,20 +35,23 @@ def forward_backward(snapshot: str, rows: slice, distributed: bool, full: bool =
     """(module, model, dist) after one forward/backward of the trainer's own pieces on rows of the global batch
     (with augmentation keyed by the rows' global positions, as the loop does): LoRA, or a full fine-tune (full);
     distributed: wrapped as the trainer wraps it (DDP for LoRA, FSDP for full)."""
-    from vla_bench.finetune import train as T
+    from vla_bench.finetune.config import TrainConfig
+    from vla_bench.finetune.distributed import Dist, setup_distributed, wrap_model
+    from vla_bench.finetune.examples import augment_params
+    from vla_bench.finetune.model import ActionModel, build_model
     from vla_bench.finetune.augment import PUBLISHED
     from vla_bench.finetune.collate import Collator
     from vla_bench.openvla.normalization import action_stats
 
-    d, device = T.setup_distributed("cpu") if distributed else (T.Dist(), torch.device("cpu"))
-    cfg = T.TrainConfig(base=snapshot, out="unused", unnorm_key="toy", lora=not full, lora_rank=4, lora_dropout=0.0)
-    snap, vla, _ = T.build_model(cfg, device)
+    d, device = setup_distributed("cpu") if distributed else (Dist(), torch.device("cpu"))
+    cfg = TrainConfig(base=snapshot, out="unused", unnorm_key="toy", lora=not full, lora_rank=4, lora_dropout=0.0)
+    snap, vla, _ = build_model(cfg, device)
     collator = Collator(snap.tokenizer, vla.arch, action_stats(STATS, "toy"), augment=PUBLISHED)
-    module = T.ActionModel(vla)
-    model = T.wrap_model(module, d, device, cfg.lora)
+    module = ActionModel(vla)
+    model = wrap_model(module, d, device, cfg.lora)
     frames, texts, actions = _global_batch()
     positions = np.arange(GLOBAL)[rows]
-    params = T.augment_params(PUBLISHED, 11, positions)
+    params = augment_params(PUBLISHED, 11, positions)
     batch = collator(frames[rows], texts[rows], actions[rows], params, device)
     loss, _ = model(batch.pixel_values, batch.input_ids, batch.labels, batch.n_action)
     loss.backward()
@@ -118,7 +121,9 @@ def test_fsdp_full_finetune_gradients_match_single_process_and_its_checkpoint_ro
     the clipped norm. After an AdamW step the trainer's checkpoint gathers the full weights and optimizer state on
     rank 0; wiping every rank's shards and loading it restores them exactly, and a plain single-process module
     loads the same files."""
-    from vla_bench.finetune import train as T
+    from vla_bench.finetune.checkpoints import load_checkpoint
+    from vla_bench.finetune.config import TrainConfig
+    from vla_bench.finetune.model import ActionModel, build_model
 
     snap = _snapshot(tmp_path)
     out = tmp_path / "fsdp"
@@ -133,12 +138,12 @@ def test_fsdp_full_finetune_gradients_match_single_process_and_its_checkpoint_ro
     assert got["restored"] == {"weights": True, "optimizer": True, "step": 1}
 
     # the files are an unsharded run's: a single process resumes from them (full weights, param-id optimizer state)
-    cfg = T.TrainConfig(base=str(snap), out=str(out), unnorm_key="toy", lora=False)
-    _, vla, _ = T.build_model(cfg, torch.device("cpu"))
-    module = T.ActionModel(vla)
+    cfg = TrainConfig(base=str(snap), out=str(out), unnorm_key="toy", lora=False)
+    _, vla, _ = build_model(cfg, torch.device("cpu"))
+    module = ActionModel(vla)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    assert T.load_checkpoint(out, module, optimizer, scheduler) == 1
+    assert load_checkpoint(out, module, optimizer, scheduler) == 1
     for name, p in module.named_parameters():
         torch.testing.assert_close(p.detach(), got["weights"][name], rtol=0, atol=0)
     assert len(optimizer.state) == len(single)  # AdamW state for every parameter that had a gradient
@@ -244,13 +249,15 @@ def fsdp_worker(snapshot: str, out: Path, rows: slice) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from vla_bench.finetune import train as T
+    from vla_bench.finetune.checkpoints import load_checkpoint, save_checkpoint
+    from vla_bench.finetune.distributed import gather_full_state, is_sharded
+    from vla_bench.finetune.model import transformer_blocks
 
     module, model, d = forward_backward(snapshot, rows, distributed=True, full=True)
     params = [p for p in module.parameters() if p.requires_grad]
-    result = {"sharded": T.is_sharded(model) and all(isinstance(p, DTensor) for p in params),
+    result = {"sharded": is_sharded(model) and all(isinstance(p, DTensor) for p in params),
               "units": sum(isinstance(m, FSDPModule) for m in module.modules()),
-              "blocks": len(T.transformer_blocks(module.vla)),
+              "blocks": len(transformer_blocks(module.vla)),
               "numel": sum(p.numel() for p in params), "local_numel": sum(p.to_local().numel() for p in params),
               "grads": {n: _full(p.grad) for n, p in module.named_parameters() if p.grad is not None}}
     result["norm"] = float(_full(torch.nn.utils.clip_grad_norm_(params, 1e-3)))  # clips: the norm is far above
@@ -258,8 +265,8 @@ def fsdp_worker(snapshot: str, out: Path, rows: slice) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     optimizer.step()
     scheduler.step()
-    T.save_checkpoint(out, 1, module, optimizer, scheduler, keep=1, sharded=True, main=d.main)
-    weights, optim_state = T.gather_full_state(module, optimizer)
+    save_checkpoint(out, 1, module, optimizer, scheduler, keep=1, sharded=True, main=d.main)
+    weights, optim_state = gather_full_state(module, optimizer)
     optim_state = {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in optim_state.get("state", {}).items()}}
     with torch.no_grad():  # wipe this rank's shards: weights and AdamW moments
         for p in params:
@@ -267,8 +274,8 @@ def fsdp_worker(snapshot: str, out: Path, rows: slice) -> None:
         for state in optimizer.state.values():
             for v in state.values():
                 (v.to_local() if isinstance(v, DTensor) else v).zero_()
-    step = T.load_checkpoint(out, module, optimizer, scheduler, sharded=True, main=d.main)
-    weights2, optim_state2 = T.gather_full_state(module, optimizer)
+    step = load_checkpoint(out, module, optimizer, scheduler, sharded=True, main=d.main)
+    weights2, optim_state2 = gather_full_state(module, optimizer)
     if d.main:
         same = lambda a, b: len(a) > 0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         moments, moments2 = optim_state["state"], optim_state2["state"]

@@ -25,8 +25,8 @@ from vla_bench.finetune.collate import IGNORE_INDEX, Collator
 from vla_bench.finetune.cuda_graph import (CAUSAL_SDPA, capture_safe_checkpointing, check_cuda_graph_options,
                                            match_optimizer_options, plain_causal_attention)
 from vla_bench.finetune.fp8 import FP8FrozenLinear, convert_frozen_linears_to_fp8, quantize_rows
-from vla_bench.finetune.train import (ActionModel, TrainConfig, build_model, count_targets, fixed_text_length,
-                                      target_columns)
+from vla_bench.finetune.config import TrainConfig
+from vla_bench.finetune.model import ActionModel, build_model, count_targets, fixed_text_length, target_columns
 from vla_bench.openvla.normalization import action_stats
 
 from test_finetune_train import STATS, TASKS, TOML, _args, _losses, files  # noqa: F401 (files: the tiny snapshot

@@ -20,7 +20,9 @@ from vla_bench.data.libero_hdf5 import write_libero_demos
 from vla_bench.finetune import augment
 from vla_bench.finetune.cli import main as finetune_main
 from vla_bench.finetune.collate import IGNORE_INDEX, Collator
-from vla_bench.finetune.train import ActionModel, Examples, TrainConfig, build_model, make_batch
+from vla_bench.finetune.config import TrainConfig
+from vla_bench.finetune.examples import Examples, make_batch
+from vla_bench.finetune.model import ActionModel, build_model
 from vla_bench.openvla import action_tokenizer, checkpoint, image, tiny
 from vla_bench.openvla.normalization import action_stats
 from vla_bench.openvla.prompt import build_prompt
@@ -119,7 +121,7 @@ def test_lora_inputs_kept_in_bf16_under_autocast_give_the_same_loss_and_gradient
     """Turning off peft's cast of each LoRA input to the adapters' fp32 (keep_lora_inputs_in_autocast_dtype, a
     speed-up) changes no bit of the loss or of any adapter gradient under bf16 autocast: autocast casts the input
     straight back to bf16 for the matmul, and bf16 -> fp32 -> bf16 is exact."""
-    from vla_bench.finetune.train import keep_lora_inputs_in_autocast_dtype
+    from vla_bench.finetune.model import keep_lora_inputs_in_autocast_dtype
 
     _, snap_dir, _ = files
     cfg = TrainConfig(base=str(snap_dir), out="unused", unnorm_key="toy", lora_rank=4, bf16=False)
@@ -153,7 +155,7 @@ def test_lora_inputs_kept_in_bf16_under_autocast_give_the_same_loss_and_gradient
 def test_compile_blocks_compiles_every_tower_block_and_decoder_layer_and_nothing_else(files):
     """`--compile` wraps each ViT block of both towers and each Llama decoder layer (the units FSDP shards too),
     and leaves the prefix splice, the projector and the LM head eager (compiling is lazy: no forward runs here)."""
-    from vla_bench.finetune.train import compile_blocks, transformer_blocks
+    from vla_bench.finetune.model import compile_blocks, transformer_blocks
 
     _, snap_dir, _ = files
     cfg = TrainConfig(base=str(snap_dir), out="unused", unnorm_key="toy", lora_rank=4)
@@ -312,7 +314,7 @@ def test_published_lora_targets_reproduce_the_reference_parameter_count():
     trainable LoRA parameters at r=32 (OPENVLA.md §5)."""
     from peft import LoraConfig, get_peft_model
 
-    from vla_bench.finetune.train import lora_targets
+    from vla_bench.finetune.model import lora_targets
     from vla_bench.openvla.model import Arch, OpenVLA
 
     config = {"timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],

@@ -11,20 +11,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import optimize, stats
 
+from tools.gate_characteristics import (format_operating_characteristics, simulate_operating_characteristics,
+                                        simulate_pairs)
 from vla_bench.errors import VlaBenchError
-from vla_bench.metrics import gate
-from vla_bench.metrics.gate import (
-    FAIL,
-    INCONCLUSIVE,
-    PASS,
-    PairedCounts,
-    SequentialDesign,
-    TaskOutcomes,
-    compare_suite,
-    compare_task,
-    gate_curtailment,
-    threshold_curtailment,
-)
+from vla_bench.metrics.curtailment import (gate_curtailment, meets_threshold, suite_gate_curtailment,
+                                           threshold_curtailment)
+from vla_bench.metrics.exact_tests import (_exact_unconditional_pvalues, _paired_sample_space, _trinomial_pmf,
+                                           boschloo_pvalue, cochran_mantel_haenszel, farrington_manning_statistic,
+                                           holm_adjust, mcnemar_exact_pvalue, paired_margin_pvalue_table,
+                                           paired_pvalues, tango_constrained_rate, tango_statistic,
+                                           unpaired_pvalue_table)
+from vla_bench.metrics.intervals import paired_bootstrap_interval
+from vla_bench.metrics.power import _power_function, smallest_detectable_drop
+from vla_bench.metrics.sequential import (SequentialDesign, _walk_survivors, obrien_fleming_spending,
+                                          sequential_boundaries, sequential_decision)
+from vla_bench.metrics.verdicts import (FAIL, INCONCLUSIVE, PASS, PairedCounts, TaskOutcomes, compare_suite,
+                                        compare_task, paired_suite_pvalue, parse_fail_spec, unpaired_suite_pvalue)
 
 ALPHA = 0.05
 REPLICATES = 20_000
@@ -45,21 +47,21 @@ def at_most_alpha(rejections, alpha=ALPHA):
 def test_exact_mcnemar_matches_scipy_binomtest():
     for b, c in [(0, 0), (6, 16), (16, 6), (10, 2), (1, 7), (25, 25)]:
         expected = stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
-        assert gate.mcnemar_exact_pvalue(b, c) == pytest.approx(expected, rel=1e-12)
+        assert mcnemar_exact_pvalue(b, c) == pytest.approx(expected, rel=1e-12)
 
 
 def test_exact_mcnemar_published_values():
     """Fagerland, Lydersen & Laake (2013), BMC Med Res Methodol 13:91: exact conditional McNemar, two-sided p = 0.052
     for Cavo et al. (6 vs 16 discordant pairs) and 0.070 for Bentur et al. (1 vs 7); one-sided p is half."""
-    assert 2 * gate.mcnemar_exact_pvalue(16, 6) == pytest.approx(0.052, abs=5e-4)
-    assert 2 * gate.mcnemar_exact_pvalue(7, 1) == pytest.approx(0.0703, abs=5e-5)
+    assert 2 * mcnemar_exact_pvalue(16, 6) == pytest.approx(0.052, abs=5e-4)
+    assert 2 * mcnemar_exact_pvalue(7, 1) == pytest.approx(0.0703, abs=5e-5)
 
 
 def test_cmh_matches_r_mantelhaen_rabbits():
     """R's documented example `mantelhaen.test(Rabbits)` (penicillin, 5 strata): X-squared = 3.9286 with continuity
     correction, p-value = 0.04747. The Mantel-Haenszel odds ratio by hand: sum(ad/n) / sum(bc/n) = 3.5 / 0.5."""
     rabbits = [[[0, 6], [0, 5]], [[3, 3], [0, 6]], [[6, 0], [2, 4]], [[5, 1], [6, 0]], [[2, 0], [5, 0]]]
-    result = gate.cochran_mantel_haenszel(rabbits, continuity=True)
+    result = cochran_mantel_haenszel(rabbits, continuity=True)
     assert result["chi2"] == pytest.approx(3.9286, abs=1e-4)
     assert result["pvalue"] == pytest.approx(0.04747, abs=1e-5)
     assert result["odds_ratio"] == pytest.approx(7.0)
@@ -73,17 +75,17 @@ def test_cmh_with_one_stratum_per_pair_is_mcnemar():
     base, cand = rng.random(60) < 0.7, rng.random(60) < 0.5
     tables = [[[int(x), 1 - int(x)], [int(y), 1 - int(y)]] for x, y in zip(base, cand)]
     b, c = int(np.sum(base & ~cand)), int(np.sum(~base & cand))
-    assert gate.cochran_mantel_haenszel(tables)["z"] == pytest.approx((b - c) / math.sqrt(b + c))
+    assert cochran_mantel_haenszel(tables)["z"] == pytest.approx((b - c) / math.sqrt(b + c))
 
 
 def test_boschloo_matches_scipy_documented_example():
     """scipy's boschloo_exact docs: 74/117 professors vs 31/63 scientists very satisfied, one-sided p = 0.0355."""
-    assert gate.boschloo_pvalue(74, 117, 31, 63) == pytest.approx(0.0355, abs=1e-4)
+    assert boschloo_pvalue(74, 117, 31, 63) == pytest.approx(0.0355, abs=1e-4)
 
 
 def test_boschloo_table_agrees_with_scipy():
     """The all-tables Boschloo used for power and simulations is the same test as scipy's, table by table."""
-    table = gate.unpaired_pvalue_table(12, 15, 0.0)
+    table = unpaired_pvalue_table(12, 15, 0.0)
     rng = np.random.default_rng(0)
     for kb, kc in zip(rng.integers(0, 13, 12), rng.integers(0, 16, 12)):
         expected = stats.boschloo_exact([[kb, kc], [12 - kb, 15 - kc]], alternative="greater").pvalue
@@ -93,10 +95,10 @@ def test_boschloo_table_agrees_with_scipy():
 def test_exact_unconditional_machinery_reproduces_barnard():
     """Ordered by the pooled score statistic, the exact unconditional p-values are Barnard's test (scipy)."""
     kb, kc = (x.ravel() for x in np.meshgrid(np.arange(11), np.arange(9), indexing="ij"))
-    statistic = gate.farrington_manning_statistic(kb, 10, kc, 8, 0.0)
+    statistic = farrington_manning_statistic(kb, 10, kc, 8, 0.0)
     rate = np.linspace(0, 1, 1001)[:, None]
     probabilities = stats.binom.pmf(kb, 10, rate) * stats.binom.pmf(kc, 8, rate)
-    pvalues = gate._exact_unconditional_pvalues(statistic, probabilities).reshape(11, 9)
+    pvalues = _exact_unconditional_pvalues(statistic, probabilities).reshape(11, 9)
     for x, y in [(8, 2), (5, 5), (10, 0), (7, 3), (3, 6)]:
         expected = stats.barnard_exact([[x, y], [10 - x, 8 - y]], alternative="greater").pvalue
         assert pvalues[x, y] == pytest.approx(expected, abs=2e-5)
@@ -109,26 +111,26 @@ def test_tango_restricted_mle_maximizes_the_likelihood():
 
         best = optimize.minimize_scalar(negative_log_likelihood, bounds=(1e-12, (1 - m) / 2 - 1e-12),
                                         method="bounded", options={"xatol": 1e-12})
-        assert gate.tango_constrained_rate(b, c, n, m) == pytest.approx(best.x, abs=1e-6)
-    assert gate.tango_statistic(9, 4, 50, 0.0) == pytest.approx(5 / math.sqrt(13))
+        assert tango_constrained_rate(b, c, n, m) == pytest.approx(best.x, abs=1e-6)
+    assert tango_statistic(9, 4, 50, 0.0) == pytest.approx(5 / math.sqrt(13))
 
 
 def test_holm_by_hand():
     # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
-    assert gate.holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert gate.holm_adjust([0.5]) == [0.5]
-    assert gate.holm_adjust([]) == []
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjust([0.5]) == [0.5]
+    assert holm_adjust([]) == []
 
 
 def test_parse_fail_spec():
-    assert gate.parse_fail_spec("drop:5pp") == pytest.approx(0.05)
-    assert gate.parse_fail_spec("drop:2.5%") == pytest.approx(0.025)
-    assert gate.parse_fail_spec("DROP: 10pp") == pytest.approx(0.10)
-    assert gate.parse_fail_spec("drop:0") == 0.0
-    assert gate.parse_fail_spec(None) == 0.0
+    assert parse_fail_spec("drop:5pp") == pytest.approx(0.05)
+    assert parse_fail_spec("drop:2.5%") == pytest.approx(0.025)
+    assert parse_fail_spec("DROP: 10pp") == pytest.approx(0.10)
+    assert parse_fail_spec("drop:0") == 0.0
+    assert parse_fail_spec(None) == 0.0
     for bad in ["5pp", "drop:-5pp", "drop:abc", "drop:100pp", "rise:5pp"]:
         with pytest.raises(VlaBenchError, match="drop:"):
-            gate.parse_fail_spec(bad)
+            parse_fail_spec(bad)
 
 
 # ------------------------------------------------------------------------------------------- verdicts and errors
@@ -196,8 +198,8 @@ def test_empty_inputs_are_user_errors():
 def test_mcnemar_type_one_error(rate, correlation):
     """At no drop, the paired gate fails no more than alpha of the time, whatever the rate and correlation."""
     rng = np.random.default_rng(11)
-    base, cand = gate.simulate_pairs(rng, REPLICATES, 50, rate, rate, correlation)
-    p = gate.mcnemar_exact_pvalue(np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1))
+    base, cand = simulate_pairs(rng, REPLICATES, 50, rate, rate, correlation)
+    p = mcnemar_exact_pvalue(np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1))
     ok, observed = at_most_alpha(np.asarray(p) < ALPHA)
     assert ok, observed
 
@@ -207,20 +209,20 @@ def test_paired_margin_test_type_one_error(rate, margin, correlation):
     """At a drop of exactly the margin (the null boundary), the margin test fails at most alpha of the time; its
     exact size over the whole boundary (every discordance rate) is at most alpha too."""
     rng = np.random.default_rng(12)
-    base, cand = gate.simulate_pairs(rng, REPLICATES, 50, rate, rate - margin, correlation)
-    p = gate.paired_pvalues(np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1), 50, margin)
+    base, cand = simulate_pairs(rng, REPLICATES, 50, rate, rate - margin, correlation)
+    p = paired_pvalues(np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1), 50, margin)
     ok, observed = at_most_alpha(np.asarray(p) < ALPHA)
     assert ok, observed
-    b, c = gate._paired_sample_space(50)
-    rejects = gate.paired_margin_pvalue_table(50, margin)[b, c] < ALPHA
+    b, c = _paired_sample_space(50)
+    rejects = paired_margin_pvalue_table(50, margin)[b, c] < ALPHA
     for q in np.linspace(0.0, (1 - margin) / 2, 37):
-        assert gate._trinomial_pmf(b[rejects], c[rejects], 50, q + margin, q).sum() <= ALPHA + 1e-6
+        assert _trinomial_pmf(b[rejects], c[rejects], 50, q + margin, q).sum() <= ALPHA + 1e-6
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.1])
 def test_unpaired_tests_type_one_error(margin):
     rng = np.random.default_rng(13)
-    table = gate.unpaired_pvalue_table(50, 50, margin)
+    table = unpaired_pvalue_table(50, 50, margin)
     for rate in (0.5, 0.85):
         kb = rng.binomial(50, rate, REPLICATES)
         kc = rng.binomial(50, rate - margin, REPLICATES)
@@ -232,7 +234,7 @@ def _heterogeneous_suite(rng, replicates, margin, correlation=0.3):
     rates = np.linspace(0.55, 0.98, 10)
     per_task = []
     for rate in rates:
-        base, cand = gate.simulate_pairs(rng, replicates, 50, rate, rate - margin, correlation)
+        base, cand = simulate_pairs(rng, replicates, 50, rate, rate - margin, correlation)
         per_task.append((np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1)))
     return per_task
 
@@ -246,7 +248,7 @@ def test_suite_paired_test_type_one_error(margin):
     rejections = []
     for r in range(replicates):
         counts = [PairedCounts(0, int(b[r]), int(c[r]), 50 - int(b[r]) - int(c[r])) for b, c in per_task]
-        rejections.append(gate.paired_suite_pvalue(counts, margin)[0] < ALPHA)
+        rejections.append(paired_suite_pvalue(counts, margin)[0] < ALPHA)
     ok, observed = at_most_alpha(rejections)
     assert ok, observed
 
@@ -258,7 +260,7 @@ def test_suite_unpaired_test_type_one_error(margin):
     rates = np.linspace(0.55, 0.98, 10)
     kb = rng.binomial(50, rates, (replicates, 10))
     kc = rng.binomial(50, rates - margin, (replicates, 10))
-    rejections = [gate.unpaired_suite_pvalue([(kb[r, t], 50, kc[r, t], 50) for t in range(10)], margin)[0] < ALPHA
+    rejections = [unpaired_suite_pvalue([(kb[r, t], 50, kc[r, t], 50) for t in range(10)], margin)[0] < ALPHA
                   for r in range(replicates)]
     ok, observed = at_most_alpha(rejections)
     assert ok, observed
@@ -270,9 +272,9 @@ def test_sequential_gate_type_one_error(rate, correlation, futility):
     rng = np.random.default_rng(16)
     replicates = 6000
     design = SequentialDesign.evenly(50, 5, futility_from=futility)
-    base, cand = gate.simulate_pairs(rng, replicates, 50, rate, rate, correlation)
+    base, cand = simulate_pairs(rng, replicates, 50, rate, rate, correlation)
     only_base, only_cand = np.cumsum(base & ~cand, axis=1), np.cumsum(~base & cand, axis=1)
-    rejections = [gate.sequential_decision(only_base[r], only_cand[r], design)[2] == "efficacy"
+    rejections = [sequential_decision(only_base[r], only_cand[r], design)[2] == "efficacy"
                   for r in range(replicates)]
     ok, observed = at_most_alpha(rejections)
     assert ok, observed
@@ -281,13 +283,13 @@ def test_sequential_gate_type_one_error(rate, correlation, futility):
 def test_sequential_boundaries_spend_alpha_exactly():
     """Boundaries spend at most alpha(t) cumulatively, and the spending is nearly used up (not a trivial test)."""
     discordant, information = [4, 9, 13, 18, 22], [0.2, 0.4, 0.6, 0.8, 1.0]
-    boundaries = gate.sequential_boundaries(discordant, information, ALPHA)
-    _, spent = gate._walk_survivors(tuple(discordant), boundaries)
+    boundaries = sequential_boundaries(discordant, information, ALPHA)
+    _, spent = _walk_survivors(tuple(discordant), boundaries)
     assert spent <= ALPHA + 1e-12
     assert spent > 0.6 * ALPHA
     assert boundaries[0] > discordant[0]  # O'Brien-Fleming: nothing can be rejected at 4 discordant pairs
-    assert gate.obrien_fleming_spending(1.0, ALPHA) == pytest.approx(ALPHA)
-    assert gate.obrien_fleming_spending(0.2, ALPHA) < 0.001
+    assert obrien_fleming_spending(1.0, ALPHA) == pytest.approx(ALPHA)
+    assert obrien_fleming_spending(0.2, ALPHA) < 0.001
 
 
 # ------------------------------------------------------------------------------------------ power and detection
@@ -297,30 +299,30 @@ def test_power_matches_simulation_and_detectable_drop():
     """The exact power behind `smallest_detectable_drop` agrees with simulated rejection rates, and the reported
     drop is the smallest one reaching 80% power."""
     rng = np.random.default_rng(17)
-    power_at = gate._power_function(50, 50, 0.8, ALPHA, 0.0, True, False)
+    power_at = _power_function(50, 50, 0.8, ALPHA, 0.0, True, False)
     for drop in (0.1, 0.2, 0.3):
-        base, cand = gate.simulate_pairs(rng, REPLICATES, 50, 0.8, 0.8 - drop)
-        p = gate.mcnemar_exact_pvalue(np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1))
+        base, cand = simulate_pairs(rng, REPLICATES, 50, 0.8, 0.8 - drop)
+        p = mcnemar_exact_pvalue(np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1))
         simulated = float(np.mean(np.asarray(p) < ALPHA))
         assert simulated == pytest.approx(power_at(drop), abs=4 * math.sqrt(0.25 / REPLICATES))
     assert power_at(0.3) > 0.85  # a 30-point drop at 50 episodes is caught
-    drop = gate.smallest_detectable_drop(0.8, 50)
+    drop = smallest_detectable_drop(0.8, 50)
     assert power_at(drop) >= 0.8 > power_at(drop - 0.002)
-    assert gate.smallest_detectable_drop(0.8, 500, suite_level=True) < drop / 2
-    assert gate.smallest_detectable_drop(0.02, 50) is None  # nothing to lose at 2%
+    assert smallest_detectable_drop(0.8, 500, suite_level=True) < drop / 2
+    assert smallest_detectable_drop(0.02, 50) is None  # nothing to lose at 2%
 
 
 @pytest.mark.parametrize("margin,paired", [(0.05, True), (0.0, False), (0.1, False)])
 def test_margin_and_unpaired_power(margin, paired):
     rng = np.random.default_rng(18)
-    power_at = gate._power_function(50, 50, 0.8, ALPHA, margin, paired, False)
+    power_at = _power_function(50, 50, 0.8, ALPHA, margin, paired, False)
     drop = 0.35
     if paired:
-        base, cand = gate.simulate_pairs(rng, 10_000, 50, 0.8, 0.8 - drop)
-        p = gate.paired_pvalues(np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1), 50, margin)
+        base, cand = simulate_pairs(rng, 10_000, 50, 0.8, 0.8 - drop)
+        p = paired_pvalues(np.sum(base & ~cand, axis=1), np.sum(~base & cand, axis=1), 50, margin)
     else:
         kb, kc = rng.binomial(50, 0.8, 10_000), rng.binomial(50, 0.8 - drop, 10_000)
-        p = gate.unpaired_pvalue_table(50, 50, margin)[kb, kc]
+        p = unpaired_pvalue_table(50, 50, margin)[kb, kc]
     simulated = float(np.mean(np.asarray(p) < ALPHA))
     assert simulated == pytest.approx(power_at(drop), abs=0.02)
     assert simulated > 0.6
@@ -329,9 +331,9 @@ def test_margin_and_unpaired_power(margin, paired):
 def test_sequential_gate_catches_large_drops_early():
     rng = np.random.default_rng(19)
     design = SequentialDesign.evenly(50, 5)
-    base, cand = gate.simulate_pairs(rng, 2000, 50, 0.85, 0.45)
+    base, cand = simulate_pairs(rng, 2000, 50, 0.85, 0.45)
     only_base, only_cand = np.cumsum(base & ~cand, axis=1), np.cumsum(~base & cand, axis=1)
-    decisions = [gate.sequential_decision(only_base[r], only_cand[r], design) for r in range(2000)]
+    decisions = [sequential_decision(only_base[r], only_cand[r], design) for r in range(2000)]
     assert np.mean([d[2] == "efficacy" for d in decisions]) > 0.95
     assert np.mean([d[0] for d in decisions]) < 40
 
@@ -383,7 +385,7 @@ def test_curtailed_and_full_threshold_tests_agree(flags, threshold):
     """A threshold verdict declared early is the verdict the full run reaches, for any sequence and threshold."""
     n = len(flags)
     successes = np.r_[0, np.cumsum(flags)]
-    full = gate.meets_threshold(int(successes[-1]), n, threshold)
+    full = meets_threshold(int(successes[-1]), n, threshold)
     for done in range(n + 1):
         state = threshold_curtailment(int(successes[done]), done, n, threshold)
         if state.determined:
@@ -413,24 +415,24 @@ def test_curtailment_rejects_unplanned_episodes():
 def test_paired_bootstrap_interval():
     rng = np.random.default_rng(20)
     base = rng.normal(1.0, 0.3, 80)
-    assert gate.paired_bootstrap_interval(base, base + 0.1) == pytest.approx((0.1, 0.1, 0.1))
+    assert paired_bootstrap_interval(base, base + 0.1) == pytest.approx((0.1, 0.1, 0.1))
     cand = base + rng.normal(0.05, 0.02, 80)  # small shift, tiny per-episode noise: only pairing resolves it
-    estimate, low, high = gate.paired_bootstrap_interval(base, cand, resamples=2000)
+    estimate, low, high = paired_bootstrap_interval(base, cand, resamples=2000)
     assert low < estimate < high and low > 0.0 and high < 0.1
-    assert gate.paired_bootstrap_interval(base, cand, resamples=2000) == (estimate, low, high)  # seeded
+    assert paired_bootstrap_interval(base, cand, resamples=2000) == (estimate, low, high)  # seeded
     with pytest.raises(VlaBenchError, match="equal length"):
-        gate.paired_bootstrap_interval(base, cand[:-1])
+        paired_bootstrap_interval(base, cand[:-1])
 
 
 def test_operating_characteristics_table():
-    rows = gate.simulate_operating_characteristics(drops=(0.0, 0.3), replicates=1500, curtailment_replicates=40,
+    rows = simulate_operating_characteristics(drops=(0.0, 0.3), replicates=1500, curtailment_replicates=40,
                                                    threshold=0.6)
     null, alternative = rows
     assert null["fixed_reject"] <= ALPHA + 3 * null["fixed_reject_se"]
     assert null["sequential_reject"] <= ALPHA + 3 * null["sequential_reject_se"]
     assert alternative["fixed_reject"] > 0.8 and alternative["sequential_reject"] > 0.8
     assert alternative["episodes_sequential"] < 50 and alternative["episodes_curtailed"] < 50
-    assert "fixed reject" in gate.format_operating_characteristics(rows)
+    assert "fixed reject" in format_operating_characteristics(rows)
 
 
 suite_outcomes = st.integers(min_value=2, max_value=3).flatmap(
@@ -455,7 +457,7 @@ def test_suite_curtailment_never_contradicts_the_holm_verdicts(tasks, margin, st
             state = [(base, TaskOutcomes(cand.task, {i: cand.outcomes[i] for i in range(done)} if t == task else
                                          (cand.outcomes if t < task else {})), range(n))
                      for t, (base, cand) in enumerate(full)]
-            for t, result in enumerate(gate.suite_gate_curtailment(state, **kwargs)):
+            for t, result in enumerate(suite_gate_curtailment(state, **kwargs)):
                 if result.determined:
                     assert result.verdict == final[t]
                     declared[t] = result.verdict
@@ -466,6 +468,6 @@ def test_suite_curtailment_stops_a_clear_regression_early():
     base = outcomes([1] * 50, "task1")
     state = [(base, outcomes([0] * 20, "task1"), range(50)), (outcomes([1] * 50, "task2"), outcomes([], "task2"),
                                                               range(50))]
-    first, second = gate.suite_gate_curtailment(state)
+    first, second = suite_gate_curtailment(state)
     assert first.determined and first.verdict == FAIL
     assert not second.determined

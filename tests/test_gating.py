@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_pytest, sim_env
+from tests.conftest import REPO, sim_env
 from vla_bench.baselines import make_baseline, save_baseline
 from vla_bench.protocol import reference_protocol
 
@@ -52,56 +52,56 @@ def test_gate_on_a_missing_baseline_lists_the_stored_ones(tmp_path):
 
 
 @pytest.mark.sim
-def test_save_then_compare_in_pytest_and_a_mismatched_protocol_stops_before_any_episode(tmp_path):
+def test_save_then_compare_in_pytest_and_a_mismatched_protocol_stops_before_any_episode(project, tmp_path):
     common = ["suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "2",
               "--vla-results", str(tmp_path / "r.sqlite"), "--vla-baselines", str(tmp_path / "b")]
-    saved = run_pytest(*common, "--max-steps", "8", "--vla-save", "noop-base")
+    saved = project.run(*common, "--max-steps", "8", "--vla-save", "noop-base")
     data = json.loads((tmp_path / "b" / "noop-base.json").read_text())
     assert data["tasks"] == {"task1": {"0": False, "1": False}} and data["protocol"]["max_steps"] == 8, saved.stdout
-    compared = run_pytest(*common, "--max-steps", "8", "--vla-compare", "noop-base",
-                          "--junitxml", str(tmp_path / "gate.xml"))
+    compared = project.run(*common, "--max-steps", "8", "--vla-compare", "noop-base",
+                           "--junitxml", str(tmp_path / "gate.xml"))
     assert "regression gate" in compared.stdout and "INCONCLUSIVE" in compared.stdout
     # CI systems (and scripts/e2e_finetune.py) read the verdict from the JUnit properties
     junit = (tmp_path / "gate.xml").read_text()
     assert 'name="gate_verdict" value="inconclusive"' in junit and 'name="gate_pvalue" value="1.0"' in junit
-    mismatched = run_pytest(*common, "--max-steps", "9", "--vla-compare", "noop-base")
+    mismatched = project.run(*common, "--max-steps", "9", "--vla-compare", "noop-base")
     assert "protocol max_steps: baseline 8, candidate 9" in mismatched.stdout
     assert "0/2" not in mismatched.stdout  # refused up front: no table row, no episodes
 
 
 @pytest.mark.sim
-def test_curtailment_stops_once_the_threshold_verdict_is_fixed_and_keeps_the_verdict(tmp_path):
+def test_curtailment_stops_once_the_threshold_verdict_is_fixed_and_keeps_the_verdict(project, tmp_path):
     """noop fails every episode; with a 90% threshold over 10 episodes the verdict is fixed after 2 failures."""
     args = ["suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "10", "--max-steps", "5",
             "--vla-workers", "1", "--junitxml", str(tmp_path / "j.xml")]
-    curtailed = run_pytest(*args, "--vla-curtail", "--vla-results", str(tmp_path / "c.sqlite"))
-    full = run_pytest(*args, "--vla-results", str(tmp_path / "f.sqlite"))
+    curtailed = project.run(*args, "--vla-curtail", "--vla-results", str(tmp_path / "c.sqlite"))
+    full = project.run(*args, "--vla-results", str(tmp_path / "f.sqlite"))
     assert "1 failed" in curtailed.stdout and "1 failed" in full.stdout
     assert "0/2" in curtailed.stdout and "0/10" in full.stdout
     assert 'name="episodes_saved" value="0"' in (tmp_path / "j.xml").read_text()  # the full run's file
 
 
 @pytest.mark.sim
-def test_real_rollouts_expert_against_itself_passes_and_against_a_30_point_degradation_fails(tmp_path):
+def test_real_rollouts_expert_against_itself_passes_and_against_a_30_point_degradation_fails(project, tmp_path):
     """20 episodes of libero_spatial task 1: the expert's own baseline gates it as not worse, while the degraded
     expert (30% fumbles by episode seed; 8 of these 20 seeds fumble) fails the paired McNemar gate."""
     common = ["suites/libero_spatial", "-k", "task1", "--episodes", "20", "--vla-results", str(tmp_path / "r.sqlite"),
               "--vla-baselines", str(tmp_path / "b"), "-rA"]
-    base = run_pytest(*common, "--checkpoint", "expert", "--vla-save", "expert-base")
+    base = project.run(*common, "--checkpoint", "expert", "--vla-save", "expert-base")
     assert (tmp_path / "b" / "expert-base.json").is_file(), base.stdout[-3000:]
-    same = run_pytest(*common, "--checkpoint", "expert", "--vla-compare", "expert-base")
+    same = project.run(*common, "--checkpoint", "expert", "--vla-compare", "expert-base")
     assert "PASSED suites/libero_spatial/test_libero_spatial.py::test_task[task1-expert]" in same.stdout, \
         same.stdout[-3000:]
     assert "(20 resumed)" in same.stdout  # the same checkpoint's episodes are not run twice
-    worse = run_pytest(*common, "--checkpoint", "expert-fumbly", "--vla-compare", "expert-base")
+    worse = project.run(*common, "--checkpoint", "expert-fumbly", "--vla-compare", "expert-base")
     assert "FAILED suites/libero_spatial/test_libero_spatial.py::test_task[task1-expert-fumbly]" in worse.stdout, \
         worse.stdout[-3000:]
     assert "gate FAIL" in worse.stdout and worse.returncode == 1
 
 
 def _sequential_case(candidate_success: bool):
-    from vla_bench.gating import GateSettings, gate_task, stop_rule
-    from vla_bench.metrics.gate import TaskOutcomes
+    from vla_bench.gate import GateSettings, gate_task, stop_rule
+    from vla_bench.metrics.verdicts import TaskOutcomes
 
     protocol = reference_protocol("libero_spatial")
     run = make_baseline("b", suite="libero_spatial", protocol=protocol.as_dict(), protocol_key=protocol.key(),
@@ -135,7 +135,7 @@ def test_sequential_gate_stops_for_futility_when_the_candidate_is_not_behind():
 
 def test_sequential_gate_refuses_a_margin():
     from vla_bench.errors import VlaBenchError
-    from vla_bench.gating import GateSettings
+    from vla_bench.gate import GateSettings
 
     with pytest.raises(VlaBenchError, match="--vla-sequential tests for any drop"):
         GateSettings.from_options(0.05, "drop:5pp", False, looks=5)

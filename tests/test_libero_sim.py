@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_pytest, sim_env
+from tests.conftest import sim_env
 from vla_bench.envs.vector import VectorLiberoEnv
 from vla_bench.protocol import reference_protocol
 
@@ -67,9 +67,9 @@ def _ids_with_outcome(stdout: str, outcome: str) -> set[str]:
             if line.startswith(outcome) and "test_task[" in line}
 
 
-def test_expert_passes_task1_and_the_negative_control_fails_it(tmp_path):
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoint", "expert", "--checkpoint", "noop",
-                        "--episodes", "4", "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
+def test_expert_passes_task1_and_the_negative_control_fails_it(project, tmp_path):
+    result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoint", "expert", "--checkpoint", "noop",
+                         "--episodes", "4", "--vla-results", str(tmp_path / "r.sqlite"), "-rA")
     assert _ids_with_outcome(result.stdout, "PASSED") == {"task1-expert"}, result.stdout[-3000:]
     assert _ids_with_outcome(result.stdout, "FAILED") == {"task1-noop"}
     assert "4/4" in result.stdout and "0/4" in result.stdout  # the summary table's successes column
@@ -85,12 +85,12 @@ def _rows(db):
             return []
 
 
-def test_a_killed_run_resumes_with_finished_episodes_skipped(tmp_path):
+def test_a_killed_run_resumes_with_finished_episodes_skipped(project, tmp_path):
     db = tmp_path / "r.sqlite"
     args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "suites/libero_spatial", "-k", "task1",
             "--checkpoint", "random", "--episodes", "6", "--max-steps", "30", "--vla-workers", "1",
             "--vla-results", str(db)]
-    proc = subprocess.Popen(args, cwd=REPO, env=sim_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=project.path, env=sim_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
     while len(_rows(db)) < 2 and time.time() < deadline and proc.poll() is None:
@@ -99,19 +99,20 @@ def test_a_killed_run_resumes_with_finished_episodes_skipped(tmp_path):
     proc.wait()
     before = _rows(db)
     assert 2 <= len(before) < 6, before
-    result = subprocess.run(args + ["-rA"], cwd=REPO, env=sim_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args + ["-rA"], cwd=project.path, env=sim_env(), capture_output=True, text=True,
+                            timeout=600)
     after = _rows(db)
     assert [i for i, _ in after] == list(range(6)), result.stdout[-2000:]
     assert dict(after).items() >= dict(before).items()  # the finished rows were kept, not re-run
     assert f"({len(before)} resumed)" in result.stdout
 
 
-def test_video_is_written_per_episode_and_decodes(tmp_path):
+def test_video_is_written_per_episode_and_decodes(project, tmp_path):
     import imageio.v3 as iio
 
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "1",
-                        "--max-steps", "5", "--video", "all", "--video-dir", str(tmp_path / "videos"),
-                        "--vla-results", str(tmp_path / "r.sqlite"))
+    result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "1",
+                         "--max-steps", "5", "--video", "all", "--video-dir", str(tmp_path / "videos"),
+                         "--vla-results", str(tmp_path / "r.sqlite"))
     videos = sorted((tmp_path / "videos").rglob("*.mp4"))
     assert [v.relative_to(tmp_path / "videos").as_posix() for v in videos] == \
         ["noop/libero_spatial/task1/episode000-failure.mp4"], result.stdout[-2000:]
@@ -119,14 +120,14 @@ def test_video_is_written_per_episode_and_decodes(tmp_path):
     assert frames.shape == (6, 256, 256, 3) and frames.std() > 10  # the start + 5 steps, a real picture
 
 
-def test_episodes_run_inside_workers_match_the_lockstep_engine():
+def test_episodes_run_inside_workers_match_the_lockstep_engine(project):
     """The scripted expert run whole inside env workers gives the same outcome, step for step, as the batched
     lockstep engine on the same init states and seeds."""
     from vla_bench.policies import BuildContext, ModelCache, build_policy
     from vla_bench.registry import Registry
     from vla_bench.rollout import rollout_episodes, rollout_in_workers
 
-    registry = Registry.load(REPO / "checkpoints.toml")
+    registry = Registry.load(project.path / "checkpoints.toml")
     expert = build_policy(registry.get("expert"), BuildContext(registry, "libero_spatial", ModelCache()))
     protocol = reference_protocol("libero_spatial")
     outcomes = {"lockstep": {}, "workers": {}}

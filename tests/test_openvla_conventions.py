@@ -15,7 +15,8 @@ from PIL import Image
 
 from vla_bench.errors import VlaBenchError
 from vla_bench.openvla import action_tokenizer as at
-from vla_bench.openvla import gripper, image, normalization, prompt
+from vla_bench import gripper
+from vla_bench.openvla import image, normalization, prompt
 
 LLAMA_VOCAB = 32000
 HALF_BIN = 1.0 / 255.0
@@ -107,7 +108,7 @@ def test_unknown_unnorm_key_lists_the_present_ones():
 def test_libero_gripper_maps_to_plus_minus_one_open_is_minus_one(actions):
     """The LIBERO gripper transform sends any value to -1 or +1: dataset-open (above 0.5) becomes -1 (LIBERO open),
     dataset-closed (below 0.5) becomes +1 (close); the arm dims are untouched."""
-    out = gripper.postprocess(actions, "libero")
+    out = gripper.postprocess(actions, gripper.OPEN_IS_MINUS_1)
     g = actions[:, -1]
     assert set(np.unique(out[:, -1])) <= {-1.0, 1.0}
     assert np.all(out[g > 0.5, -1] == -1.0) and np.all(out[g < 0.5, -1] == 1.0)
@@ -117,14 +118,14 @@ def test_libero_gripper_maps_to_plus_minus_one_open_is_minus_one(actions):
 def test_libero_gripper_on_decoded_bin_centres():
     """The decoded open label (0.996) gives -1 and the decoded closed label (0.0) gives +1, as in the reference."""
     g = at.decode(at.encode(np.array([1.0, 0.0]), LLAMA_VOCAB), LLAMA_VOCAB)
-    out = gripper.postprocess(np.c_[np.zeros((2, 6)), g], "libero")
+    out = gripper.postprocess(np.c_[np.zeros((2, 6)), g], gripper.OPEN_IS_MINUS_1)
     assert out[:, -1].tolist() == [-1.0, 1.0]
 
 
 @given(hnp.arrays(np.float64, st.tuples(st.integers(1, 5), st.just(7)), elements=finite))
 def test_bridge_gripper_is_unchanged(actions):
     """Bridge actions go to the robot as predicted."""
-    assert np.array_equal(gripper.postprocess(actions, "bridge"), actions)
+    assert np.array_equal(gripper.postprocess(actions, gripper.OPEN_IS_1), actions)
 
 
 # ---- prompt -------------------------------------------------------------------------------------------------------

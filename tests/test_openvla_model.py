@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from vla_bench.errors import VlaBenchError
 from vla_bench.openvla import checkpoint, image, tiny
 from vla_bench.openvla.lora import BaseModel
-from vla_bench.openvla.model import FastGenerator, _patch_features
+from vla_bench.openvla.fast_generator import FastGenerator
+from vla_bench.openvla.model import _patch_features
 from vla_bench.openvla.policy import OpenVLAPolicy
 from vla_bench.openvla.prompt import build_prompt
 
@@ -307,7 +308,7 @@ def test_a_chain_that_cannot_compile_falls_back_to_the_plain_ops_with_a_warning(
     call warns once and returns the plain function's result, and later calls go straight to the plain function."""
     import warnings
 
-    from vla_bench.openvla.model import _compiled_or_plain
+    from vla_bench.openvla.fast_generator import _compiled_or_plain
 
     calls = []
 

@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from tests.conftest import BRIDGE_DEBUG, run_pytest
+from tests.conftest import BRIDGE_DEBUG
 
 pytestmark = pytest.mark.sim
 
@@ -38,11 +38,11 @@ split = "train"
     return toml
 
 
-def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode(tiny_checkpoints, tmp_path):
+def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode(project, tiny_checkpoints, tmp_path):
     db = tmp_path / "r.sqlite"
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoints-file", str(tiny_checkpoints),
-                        "--checkpoint", "tiny", "--checkpoint", "tiny-lora", "--episodes", "2", "--max-steps", "4",
-                        "--vla-results", str(db), "-rA")
+    result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoints-file", str(tiny_checkpoints),
+                         "--checkpoint", "tiny", "--checkpoint", "tiny-lora", "--episodes", "2", "--max-steps", "4",
+                         "--vla-results", str(db), "-rA")
     # judged (passed or failed on its threshold), never errored
     assert result.returncode in (0, 1), result.stdout[-3000:]
     assert not [line for line in result.stdout.splitlines() if line.startswith("ERROR")], result.stdout[-3000:]
@@ -53,18 +53,19 @@ def test_tiny_openvla_and_its_adapter_run_a_libero_task_and_record_every_episode
     assert len(identities) == 2  # the adapter entry has an identity of its own
 
 
-def test_tiny_openvla_runs_the_bridge_proxy_suite(tiny_checkpoints, tmp_path):
+def test_tiny_openvla_runs_the_bridge_proxy_suite(project, tiny_checkpoints, tmp_path):
     db = tmp_path / "r.sqlite"
-    result = run_pytest("suites/bridge_v2", "--checkpoints-file", str(tiny_checkpoints), "--checkpoint", "tiny",
-                        "--vla-results", str(db), "-rA")
+    result = project.run("suites/bridge_v2", "--checkpoints-file", str(tiny_checkpoints), "--checkpoint", "tiny",
+                         "--vla-results", str(db), "-rA")
     outcomes = [line for line in result.stdout.splitlines() if "test_metric[" in line
                 and line.split()[0] in ("PASSED", "FAILED")]
     assert len(outcomes) == 5, result.stdout[-3000:]  # five gated metrics, judged, none errored
     # judged on measured figures: a failure for a missing dataset would also be a FAILED line
-    from vla_bench.proxy import GATED_METRICS
-    from vla_bench.proxy_suites import load_figures
+    from vla_bench.open_loop import GATED_METRICS
+    from vla_bench.results import ResultsStore
 
-    with sqlite3.connect(db) as c:
-        figures = load_figures(c, "tiny", "bridge_v2")
+    store = ResultsStore(db)
+    figures = store.proxy_figures("tiny", "bridge_v2")
+    store.close()
     assert set(GATED_METRICS) <= set(figures), result.stdout[-3000:]
     assert all(figures[m]["episodes"] == 25 and figures[m]["frames"] > 0 for m in GATED_METRICS)

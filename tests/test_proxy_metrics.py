@@ -12,10 +12,10 @@ from scipy import stats
 
 from vla_bench.data.libero_hdf5 import write_libero_demos
 from vla_bench.errors import VlaBenchError
-from vla_bench.metrics import proxy as m
+from vla_bench.metrics import action_metrics as m
 from vla_bench.policies.controls import NoopPolicy, RandomPolicy
 from vla_bench.policies.replay import ReplayPolicy
-from vla_bench.proxy import (DEFAULT_THRESHOLDS, GATED_METRICS, bridge_action_space, bridge_source,
+from vla_bench.open_loop import (DEFAULT_THRESHOLDS, GATED_METRICS, bridge_action_space, bridge_source,
                              evaluate_open_loop, libero_source, predict_episodes, resolve_thresholds)
 
 from tests.conftest import BRIDGE_DEBUG

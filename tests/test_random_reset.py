@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from tests.conftest import REPO, sim_env
-from vla_bench.collect import collect, demo_seed
+from vla_bench.collect.runner import collect, demo_seed
 
 pytestmark = pytest.mark.sim
 

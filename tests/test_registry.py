@@ -3,6 +3,7 @@ import pytest
 
 from vla_bench.errors import VlaBenchError
 from vla_bench.registry import Registry
+from vla_bench.thresholds import Threshold
 
 GOOD = """
 # a comment that must survive write-back
@@ -25,10 +26,10 @@ kind = "random"   # inline comment
 def test_thresholds_resolve_checkpoint_then_file_then_library_default(checkpoints_file):
     reg = Registry.load(checkpoints_file(GOOD))
     noop, rnd = reg.get("noop"), reg.get("random")
-    assert reg.threshold(noop, "libero_spatial", "task5") == 0.1  # checkpoint's task
-    assert reg.threshold(noop, "libero_spatial", "task1") == 0.9  # file's suite default
-    assert reg.threshold(rnd, "libero_spatial", "task5") == 0.8  # file's task
-    assert reg.threshold(rnd, "bridge_v2", "correlation", library_default=0.1) == 0.1
+    assert reg.threshold(noop, "libero_spatial", "task5") == Threshold.success_rate(0.1)  # checkpoint's task
+    assert reg.threshold(noop, "libero_spatial", "task1") == Threshold.success_rate(0.9)  # file's suite default
+    assert reg.threshold(rnd, "libero_spatial", "task5") == Threshold.success_rate(0.8)  # file's task
+    assert reg.threshold(rnd, "bridge_v2", "correlation", library_default=Threshold(0.1)) == Threshold(0.1)
     with pytest.raises(VlaBenchError, match=r"no threshold for libero_goal task1"):
         reg.threshold(rnd, "libero_goal", "task1")
     assert reg.get(None).name == "noop"

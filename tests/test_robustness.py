@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tests.conftest import run_pytest
 from vla_bench.errors import VlaBenchError
-from vla_bench.metrics.gate import TaskOutcomes
-from vla_bench.protocol import (ROBUSTNESS_BASES, ROBUSTNESS_FAMILIES, ROBUSTNESS_SUITES, base_suite,
-                                reference_protocol, robustness_suite, split_robustness_suite)
+from vla_bench.metrics.verdicts import TaskOutcomes
+from vla_bench.protocol import reference_protocol
 from vla_bench.registry import Registry
 from vla_bench.robustness import init_states_pair, robustness_drop
+from vla_bench.suites import (ROBUSTNESS_BASES, ROBUSTNESS_FAMILIES, ROBUSTNESS_SUITES, base_suite, robustness_suite,
+                              split_robustness_suite)
+from vla_bench.thresholds import Threshold
 
 
 def outcomes(successes: list[bool], start: int = 0) -> TaskOutcomes:
@@ -128,10 +129,10 @@ default = 0.1
 """)
     registry = Registry.load(path)
     a, b = registry.get("a"), registry.get("b")
-    assert registry.threshold(a, "libero_goal_lan", "task1") == 0.8
-    assert registry.threshold(a, "libero_goal_lan", "task3") == 0.5
-    assert registry.threshold(a, "libero_goal_swap", "task3") == 0.3  # the variant's own table wins
-    assert registry.threshold(b, "libero_goal_lan", "task1") == 0.1  # the entry's own table wins
+    assert registry.threshold(a, "libero_goal_lan", "task1") == Threshold.success_rate(0.8)
+    assert registry.threshold(a, "libero_goal_lan", "task3") == Threshold.success_rate(0.5)
+    assert registry.threshold(a, "libero_goal_swap", "task3") == Threshold.success_rate(0.3)  # its own table
+    assert registry.threshold(b, "libero_goal_lan", "task1") == Threshold.success_rate(0.1)  # the entry's
     with pytest.raises(VlaBenchError, match=r"\[thresholds.libero_goal\]"):
         registry.threshold(a, "libero_goal", "task1")  # a standard suite does not fall back
 
@@ -151,19 +152,24 @@ def test_reworded_instructions_come_from_the_task_file():
 
 
 # ---- test ids and -k -------------------------------------------------------------------------------------------
-def collected(*args):
-    result = run_pytest("--collect-only", "-q", "suites/libero_pro", "--checkpoint", "noop", *args)
-    return result, re.findall(r"::test_task\[([^\]]+)\]", result.stdout)
+@pytest.fixture
+def collected(project):
+    """collected(*pytest args) -> (result, ids) of `pytest --collect-only suites/libero_pro` in a project of the
+    test's own."""
+    def collect(*args):
+        result = project.run("--collect-only", "-q", "suites/libero_pro", "--checkpoint", "noop", *args)
+        return result, re.findall(r"::test_task\[([^\]]+)\]", result.stdout)
+    return collect
 
 
-def test_robustness_ids_are_stable_and_ordered_by_family_base_task():
+def test_robustness_ids_are_stable_and_ordered_by_family_base_task(collected):
     _, ids = collected()
     expected = [f"{base}_{family}-task{i}-noop" for family in ROBUSTNESS_FAMILIES for base in ROBUSTNESS_BASES
                 for i in range(1, 11)]
     assert ids == expected
 
 
-def test_k_selects_task_words_exactly_and_suite_names_as_usual():
+def test_k_selects_task_words_exactly_and_suite_names_as_usual(collected):
     result, ids = collected("-k", "task1")
     assert ids == [f"{base}_{family}-task1-noop" for family in ROBUSTNESS_FAMILIES for base in ROBUSTNESS_BASES]
     assert "144 deselected" in result.stdout
@@ -181,13 +187,13 @@ def test_equal_rates_show_no_drop_and_no_minus_sign():
 
 # ---- end to end ------------------------------------------------------------------------------------------------
 @pytest.mark.sim
-def test_a_robustness_case_runs_both_tasks_and_reports_the_drop(tmp_path):
+def test_a_robustness_case_runs_both_tasks_and_reports_the_drop(project, tmp_path):
     """One expert episode of libero_spatial_lan task1 and of libero_spatial task1 (no cameras): both succeed, the
     summary shows the robustness row, and the JUnit properties carry the drop."""
     junit = tmp_path / "junit.xml"
-    result = run_pytest("suites/libero_pro", "-k", "libero_spatial_lan and task1", "--checkpoint", "expert",
-                        "--episodes", "1", "--vla-workers", "1", "--vla-results", str(tmp_path / "r.sqlite"),
-                        f"--junitxml={junit}")
+    result = project.run("suites/libero_pro", "-k", "libero_spatial_lan and task1", "--checkpoint", "expert",
+                         "--episodes", "1", "--vla-workers", "1", "--vla-results", str(tmp_path / "r.sqlite"),
+                         f"--junitxml={junit}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "robustness (LIBERO-PRO)" in output
@@ -212,7 +218,7 @@ def test_families_share_one_unperturbed_run_per_task(tmp_path, checkpoints_file,
     def fake_evaluate(spec, suite, task_index, progress=None):
         calls.append(suite)
         wins = {"libero_goal": [True] * 4}.get(suite, [True, False, False, False])
-        result = TaskResult(spec.name, suite, task_index, sum(wins), 4, 0, None, 0.0, 0.5,
+        result = TaskResult(spec.name, suite, task_index, sum(wins), 4, 0, None, 0.0, Threshold.success_rate(0.5),
                             _outcomes=dict(enumerate(wins)))
         session.results.append(result)
         return result

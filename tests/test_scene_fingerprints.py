@@ -173,10 +173,10 @@ def test_an_evaluation_reset_reports_that_its_scene_matches():
 
 
 @pytest.mark.sim
-def test_rows_carry_a_moved_scene_and_strict_sim_fails_the_task(tmp_path, prints, checkpoints_file):
+def test_rows_carry_a_moved_scene_and_strict_sim_fails_the_task(project, tmp_path, prints, checkpoints_file):
     """With a fingerprint file whose task1 bowl sits 2 cm away (as if this stack had moved it), every row says
     so and the summary warns; --vla-strict-sim turns the warning into the task's failure."""
-    from conftest import run_pytest, sim_env
+    from conftest import sim_env
 
     arrays = dict(prints.arrays, meta=np.array(__import__("json").dumps(prints.meta)))
     names = [str(n) for n in arrays["libero_spatial/0/names"]]
@@ -190,12 +190,12 @@ def test_rows_carry_a_moved_scene_and_strict_sim_fails_the_task(tmp_path, prints
     env = sim_env(VLA_BENCH_FINGERPRINTS=str(doctored))
     args = ["suites/libero_spatial", "-k", "task1", "--checkpoints-file", str(toml), "--episodes", "2",
             "--max-steps", "2", "--vla-workers", "1", "-rA"]
-    lenient = run_pytest(*args, "--vla-results", str(tmp_path / "a.sqlite"), env=env)
+    lenient = project.run(*args, "--vla-results", str(tmp_path / "a.sqlite"), env=env)
     assert lenient.returncode == 0, lenient.stdout[-3000:]
     assert "WARNING libero_spatial task1 noop: 2 episode(s) started from a scene that differs" in lenient.stdout
     with sqlite3.connect(tmp_path / "a.sqlite") as db:
         verdicts = [v for (v,) in db.execute("SELECT scene_check FROM episodes ORDER BY init_index")]
     assert len(verdicts) == 2 and all(v.startswith(f"mismatch: {BOWL} 2.0 cm") for v in verdicts), verdicts
-    strict = run_pytest(*args, "--vla-strict-sim", "--vla-results", str(tmp_path / "b.sqlite"), env=env)
+    strict = project.run(*args, "--vla-strict-sim", "--vla-results", str(tmp_path / "b.sqlite"), env=env)
     assert strict.returncode == 1 and "FAILED" in strict.stdout
     assert "differs from the reference simulator stack (init 0:" in strict.stdout

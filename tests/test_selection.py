@@ -1,11 +1,11 @@
 """Test ids and -k selection, through pytest's own collection as a user runs it (no simulator needed).
 
-The runs read a checkpoints.toml of their own, so new entries in the shipped file change nothing here."""
+The runs happen in a project of their own (suite modules and a checkpoints.toml of ENTRIES), so new entries or suites
+in the shipped files change nothing here."""
 import re
 
 import pytest
 
-from tests.conftest import run_pytest
 
 ENTRIES = """
 default = "noop"
@@ -18,14 +18,14 @@ kind = "scripted"
 """
 
 
-@pytest.fixture(scope="module")
-def collected(tmp_path_factory):
-    """collected(*pytest args) -> (result, test ids) of `pytest --collect-only` over a checkpoints.toml of ENTRIES."""
-    checkpoints = tmp_path_factory.mktemp("selection") / "checkpoints.toml"
-    checkpoints.write_text(ENTRIES)
+@pytest.fixture
+def collected(project):
+    """collected(*pytest args) -> (result, test ids) of `pytest --collect-only` in a project whose checkpoints.toml
+    holds ENTRIES (tests/conftest.py: project)."""
+    project.checkpoints(ENTRIES)
 
     def collect(*args):
-        result = run_pytest("--collect-only", "-q", "--checkpoints-file", str(checkpoints), *args)
+        result = project.run("--collect-only", "-q", *args)
         return result, re.findall(r"::test_task\[([^\]]+)\]", result.stdout)
     return collect
 

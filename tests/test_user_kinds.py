@@ -117,10 +117,11 @@ def test_nan_predictions_fail_the_open_loop_suite_with_figures_stored_and_a_summ
     result.assert_outcomes(failed=5)
     assert output.count(SEEN["a policy returning NaN in an open-loop suite (its metrics fail)"]) >= 5
     assert "IntegrityError" not in output and "vla-bench: open-loop proxy metrics" in output
-    from vla_bench.proxy_suites import load_figures
+    from vla_bench.results import ResultsStore
 
-    with sqlite3.connect(pytester.path / "r.sqlite") as db:
-        figures = load_figures(db, "mine", "bridge_v2")
+    store = ResultsStore(pytester.path / "r.sqlite")
+    figures = store.proxy_figures("mine", "bridge_v2")
+    store.close()
     assert len(figures) == 12 and all(f["episodes"] == 25 for f in figures.values())
     assert math.isnan(figures["l1_physical"]["value"])  # stored, and read back as NaN
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_pytest, sim_env
+from tests.conftest import sim_env
 from vla_bench.errors import VlaBenchError
 
 
@@ -21,10 +21,10 @@ def test_write_video_refuses_without_imageio_ffmpeg(tmp_path, monkeypatch):
     assert not (tmp_path / "e.mp4").exists()
 
 
-def test_pytest_video_option_is_a_usage_error_without_imageio_ffmpeg(tmp_path):
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--video", "failed",
-                        "--vla-results", str(tmp_path / "r.sqlite"),
-                        env=sim_env(PYTHONPATH=_hide_imageio_ffmpeg(tmp_path)))
+def test_pytest_video_option_is_a_usage_error_without_imageio_ffmpeg(project, tmp_path):
+    result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--video", "failed",
+                         "--vla-results", str(tmp_path / "r.sqlite"),
+                         env=sim_env(PYTHONPATH=_hide_imageio_ffmpeg(tmp_path)))
     assert result.returncode == 4, result.stdout + result.stderr
     assert "--video needs imageio-ffmpeg" in result.stderr
 
@@ -72,16 +72,16 @@ def test_contact_sheet_of_no_frames_is_an_error(tmp_path):
 
 
 @pytest.mark.sim
-def test_video_format_sheet_writes_a_png_per_episode_without_imageio_ffmpeg(tmp_path):
+def test_video_format_sheet_writes_a_png_per_episode_without_imageio_ffmpeg(project, tmp_path):
     from PIL import Image
 
     from vla_bench.results import ResultsStore
 
     results = tmp_path / "r.sqlite"
-    result = run_pytest("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "1",
-                        "--max-steps", "14", "--video", "all", "--video-format", "sheet", "--video-dir",
-                        str(tmp_path / "videos"), "--vla-results", str(results),
-                        env=sim_env(PYTHONPATH=_hide_imageio_ffmpeg(tmp_path)))
+    result = project.run("suites/libero_spatial", "-k", "task1", "--checkpoint", "noop", "--episodes", "1",
+                         "--max-steps", "14", "--video", "all", "--video-format", "sheet", "--video-dir",
+                         str(tmp_path / "videos"), "--vla-results", str(results),
+                         env=sim_env(PYTHONPATH=_hide_imageio_ffmpeg(tmp_path)))
     assert result.returncode == 1, result.stdout + result.stderr  # noop fails the task; no usage error
     [record] = ResultsStore(results).episodes(checkpoint="noop")
     assert record.video and record.video.endswith("episode000-failure.png")

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import VlaBenchError, choices
-from .metrics.gate import TaskOutcomes
+from .metrics.verdicts import TaskOutcomes
+from .options import DEFAULT_BASELINES
 
 FORMAT_VERSION = 1
-DEFAULT_FOLDER = "baselines"
 #: protocol fields that may differ between comparable runs: the episode count only says how many init states ran,
 #: and which ones is checked separately (see check_comparable); Protocol.key() leaves it out for the same reason.
 NOT_COMPARED = frozenset({"episodes"})
@@ -87,7 +87,7 @@ def check_name(name: str) -> None:
 
 
 def baselines_folder(folder: str | Path | None = None) -> Path:
-    return Path(folder) if folder is not None else Path.cwd() / DEFAULT_FOLDER
+    return Path(folder) if folder is not None else Path.cwd() / DEFAULT_BASELINES
 
 
 def baseline_path(name: str, folder: str | Path | None = None) -> Path:

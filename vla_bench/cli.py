@@ -1,4 +1,4 @@
-"""`vla-bench`: thin commands over the library (the pytest plugin uses the same functions).
+"""`vla-bench`: thin commands over the library (the pytest plugin uses the same functions and options).
 
 Every VlaBenchError is printed as one line naming what to fix, with exit status 2.
 """
@@ -56,13 +56,13 @@ def report(args) -> int:
 @command("gate", "gate a stored candidate run against a stored baseline run, without re-running anything")
 def gate(args) -> int:
     from .baselines import load_baseline, task_pairs
-    from .gating import GateSettings
-    from .metrics.gate import compare_suite
+    from .gate import GateSettings
+    from .metrics.verdicts import compare_suite
     from .report import gate_table, print_table
 
     baseline = load_baseline(args.baseline, args.baselines)
     candidate = load_baseline(args.candidate, args.baselines)
-    settings = GateSettings.from_options(args.alpha, args.fail, args.strict)
+    settings = GateSettings.from_options(args.alpha, args.fail, args.strict)  # options.add_gate_options, prefix ""
     verdict = compare_suite(task_pairs(baseline, candidate), **settings.kwargs())
     rows = [_GateRow(candidate.suite, t.task, candidate.checkpoint["name"], t) for t in verdict.tasks]
     print_table(gate_table(rows, [(candidate.checkpoint["name"], candidate.suite, verdict)],
@@ -80,9 +80,66 @@ class _GateRow:
         self.suite, self.task_id, self.checkpoint, self.gate, self.saved = suite, task_id, checkpoint, verdict, 0
 
 
+@command("run", "evaluate checkpoints on a suite without pytest: the session behind `pytest suites/SUITE`")
+def run(args) -> int:
+    """0 when every task (or gated metric) passes and no gate fails, 1 otherwise."""
+    from .envs.tasks import check_episodes, parse_task_id, suite_tasks
+    from .options import OptionValues, check_values
+    from .report import describe_figure, describe_gate, describe_scene_mismatch, describe_task, gate_table, \
+        print_table, proxy_table, task_table
+    from .session import session_from_options
+    from .suites import get_suite
+
+    suite = get_suite(args.suite)
+    values = OptionValues(lambda dest: getattr(args, dest), prefix="")
+    check_values(values)  # the checks the plugin makes before collection
+    if suite.closed_loop:
+        check_episodes(values("episodes"), suite.name)
+    registry = _registry(args)
+    names = registry.checkpoint_names(args.checkpoint, None if suite.closed_loop else suite.name)
+    session = session_from_options(registry, values)
+    failed = False
+    try:
+        if suite.closed_loop:
+            tasks = ([parse_task_id(suite.name, str(t)) for t in args.tasks] if args.tasks
+                     else range(len(suite_tasks(suite.name))))
+            for name in names:
+                for task in tasks:
+                    result = session.evaluate(registry.get(name), suite.name, task)
+                    print(describe_task(result))
+                    failed |= result.passed is False
+                    if result.scene_mismatches:
+                        print(("" if values("strict-sim") else "WARNING ") + describe_scene_mismatch(result))
+                        failed |= bool(values("strict-sim"))
+                    if result.gate is not None:
+                        print(describe_gate(result))
+                        failed |= session.gate.fails(result.gate.verdict)
+            print_table(task_table(session.results))
+            if session.compare is not None:
+                verdicts = session.suite_verdicts()
+                print_table(gate_table(session.results, verdicts))
+                failed |= any(session.gate.fails(v.verdict) for _, _, v in verdicts)
+            if args.save:
+                for path in session.save_baselines(args.save):
+                    print(f"baseline saved: {path}")
+        else:
+            from .open_loop import GATED_METRICS
+
+            for name in names:
+                result = session.evaluate_proxy(registry.get(name), suite.name)
+                for metric in GATED_METRICS:
+                    print(describe_figure(suite.name, name, result.figures[metric]))
+                    failed |= result.figures[metric].passed is False
+            print_table(proxy_table(session.proxy_results))
+    finally:
+        session.store.close()
+    print(f"results: {session.store.path}")
+    return 1 if failed else 0
+
+
 @command("collect", "scripted-expert demonstrations in LIBERO's HDF5 layout, from random resets")
 def collect(args) -> int:
-    from .collect import run_collect
+    from .collect.cli import run_collect
 
     return run_collect(args)
 
@@ -121,6 +178,15 @@ def checkpoints(args) -> int:
     return 0
 
 
+@command("suites", "list the suites (vla_bench/suites.py) with their kind")
+def suites(args) -> int:
+    from .suites import SUITES
+
+    for suite in SUITES.values():
+        print(f"{suite.name}\t{suite.kind}\t{suite.description}")
+    return 0
+
+
 @command("tasks", "list the tasks of a LIBERO suite with their test ids")
 def tasks(args) -> int:
     from .envs.tasks import suite_tasks
@@ -131,21 +197,28 @@ def tasks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .options import add_checkpoints_file_option, add_evaluation_options, add_gate_options, add_results_option
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoints-file", default=None, help="checkpoints.toml (default: nearest one)")
+    add_checkpoints_file_option(common.add_argument)
     parser = argparse.ArgumentParser(prog="vla-bench", description="Evaluate VLA robot policies.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, help) in COMMANDS.items():
         p = sub.add_parser(name, help=help, parents=[common])
         p.set_defaults(func=fn)
+        if name == "run":
+            p.add_argument("suite", help="a suite name, as in suites/ (vla-bench suites lists them)")
+            p.add_argument("--tasks", nargs="+", default=None, help="task numbers, 1-based: '1 2' or 'task1 task2' "
+                           "(default: all; closed-loop suites)")
+            add_evaluation_options(p.add_argument, prefix="")  # the plugin's options without their vla- prefix
         if name == "report":
-            p.add_argument("--results", default="results/vla-bench.sqlite")
+            add_results_option(p.add_argument, prefix="")
             p.add_argument("--checkpoint", default=None)
             p.add_argument("--suite", default=None)
         if name == "tasks":
             p.add_argument("suite")
         if name == "collect":
-            from .collect import add_collect_arguments
+            from .collect.cli import add_collect_arguments
 
             add_collect_arguments(p)
         if name == "doctor":
@@ -163,10 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "gate":
             p.add_argument("baseline", help="baseline run: a name in --baselines or a .json path")
             p.add_argument("candidate", help="candidate run (saved with --vla-save): a name or a .json path")
-            p.add_argument("--baselines", default="baselines", help="folder of stored runs (default baselines/)")
-            p.add_argument("--alpha", type=float, default=0.05)
-            p.add_argument("--fail", default=None, metavar="drop:5pp", help="non-inferiority margin")
-            p.add_argument("--strict", action="store_true", help="inconclusive fails too")
+            add_gate_options(p.add_argument, prefix="")
     return parser
 
 

@@ -13,12 +13,12 @@ from typing import Callable
 
 from .envs.tasks import suite_tasks
 from .envs.vector import VectorLiberoEnv
-from .metrics.gate import meets_threshold
 from .metrics.intervals import wilson_interval
 from .policies.base import Policy
 from .protocol import Protocol
 from .registry import CheckpointSpec
 from .results import EpisodeRecord, ResultsStore, library_versions
+from .thresholds import Threshold
 from .rollout import EpisodeOutcome, rollout_episodes, rollout_in_workers
 from .video import wants_video, video_path, write_video
 
@@ -33,7 +33,7 @@ class TaskResult:
     errors: int
     mean_steps: float | None  # of successful episodes
     wall_s: float  # wall time of this evaluation
-    threshold: float | tuple | None = None
+    threshold: Threshold | None = None
     resumed: int = 0  # episodes taken from the store instead of re-run
     planned: int | None = None  # the protocol's episodes; more than `episodes` when curtailment stopped early
     gate: object = None  # the TaskVerdict against a baseline, when gating
@@ -65,13 +65,11 @@ class TaskResult:
 
     @property
     def passed(self) -> bool | None:
-        """Meets the threshold: a number by metrics.gate.meets_threshold (the one home of that rule; after
-        curtailment it agrees with the full run's verdict), a [low, high] pair when the rate lies inside."""
+        """Meets the threshold (Threshold.passes on the rate; after curtailment it agrees with the full run's
+        verdict)."""
         if not self.episodes or self.threshold is None:
             return None
-        if isinstance(self.threshold, tuple):
-            return self.threshold[0] <= self.rate <= self.threshold[1]
-        return meets_threshold(self.successes, self.episodes, self.threshold)
+        return self.threshold.passes(self.successes / self.episodes)
 
 
 def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_index: int,

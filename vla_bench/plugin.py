@@ -1,7 +1,8 @@
 """pytest glue: options, parametrization, fixtures, -k task selection, live progress, terminal summary.
 
-No evaluation logic lives here: everything is a call into vla_bench.session / evaluate / report, which the CLI
-uses too. A suite module declares `SUITE = "libero_spatial"` and a test taking the `libero_task` fixture; this
+No evaluation logic lives here: the options are declared in vla_bench/options.py, and everything else is a call
+into vla_bench.session / report, which `vla-bench run` uses too. A suite module declares `SUITE = "libero_spatial"`
+(a record of vla_bench/suites.py) and a test taking the `libero_task` fixture; this
 plugin turns it into one test case per (task, checkpoint) with ids like `task1-expert`.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from .errors import VlaBenchError
-from .video import VIDEO_FORMATS, VIDEO_MODES, require_video_writer
+from .options import OptionValues, add_checkpoints_file_option, add_evaluation_options, check_values
+from .video import require_video_writer
 
 _TASK_WORD = re.compile(r"task\d+", re.IGNORECASE)
 _IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier characters
@@ -21,37 +23,8 @@ _IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")  # pytest's -k identifier c
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vla-bench", "vla-bench: robot policy evaluation")
-    group.addoption("--checkpoint", action="append", default=None, metavar="NAME",
-                    help="checkpoints.toml entry to evaluate (repeatable; default: the file's `default`)")
-    group.addoption("--checkpoints-file", default=None, metavar="PATH",
-                    help="checkpoints.toml to use (default: the nearest one in the working directory or above)")
-    group.addoption("--episodes", type=int, default=None, help="episodes per task (protocol default: 50)")
-    group.addoption("--max-steps", type=int, default=None, help="control steps per episode (default: per suite)")
-    group.addoption("--vla-results", default="results/vla-bench.sqlite", metavar="PATH",
-                    help="SQLite results store; finished episodes in it are not re-run")
-    group.addoption("--vla-workers", type=int, default=None, metavar="N",
-                    help="simulator processes per task (default: the CPU count)")
-    group.addoption("--vla-data", action="append", default=[], metavar="SUITE=PATH",
-                    help="dataset of an open-loop suite (bridge_v2, libero_demos), overriding checkpoints.toml")
-    group.addoption("--vla-save", default=None, metavar="NAME",
-                    help="store this run's per-episode outcomes as baselines/NAME.json (commit it to gate against)")
-    group.addoption("--vla-compare", nargs="?", const="@entry", default=None, metavar="NAME",
-                    help="gate every checkpoint against baseline NAME (no NAME: each entry's `baseline` key)")
-    group.addoption("--vla-compare-fail", default=None, metavar="drop:5pp",
-                    help="non-inferiority margin: fail only on a drop beyond it (default: any significant drop)")
-    group.addoption("--vla-strict", action="store_true", help="an inconclusive gate fails too")
-    group.addoption("--vla-strict-sim", action="store_true",
-                    help="a settled scene that differs from the reference stack's fails the task (default: a warning)")
-    group.addoption("--vla-alpha", type=float, default=0.05, help="the gate's significance level (default 0.05)")
-    group.addoption("--vla-curtail", action="store_true",
-                    help="stop a task's episodes once no remaining outcome can change its verdict (exact)")
-    group.addoption("--vla-sequential", type=int, default=0, metavar="LOOKS",
-                    help="group-sequential gate with LOOKS equally spaced looks: stops a task once a look decides")
-    group.addoption("--vla-baselines", default="baselines", metavar="DIR", help="baselines folder (default baselines/)")
-    group.addoption("--video", choices=VIDEO_MODES, default="none", help="write a video per episode")
-    group.addoption("--video-format", choices=tuple(VIDEO_FORMATS), default="mp4",
-                    help="mp4 (needs imageio-ffmpeg) or sheet: one PNG of every 6th frame (0.3 s apart) and the last")
-    group.addoption("--video-dir", default="videos", metavar="DIR", help="where videos go (default: videos/)")
+    add_checkpoints_file_option(group.addoption)
+    add_evaluation_options(group.addoption, prefix="vla-")  # `vla-bench run` declares the same, unprefixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,35 +74,17 @@ class _State:
 
     def checkpoint_names(self, suite: str | None = None) -> list[str]:
         """--checkpoint names, else the suite's own defaults ([datasets.SUITE] checkpoints), else `default`."""
-        suite_defaults = self.registry.datasets.get(suite, {}).get("checkpoints") if suite else None
-        names = self.config.getoption("--checkpoint") or suite_defaults or [self.registry.default]
-        for name in names:
-            self.registry.get(name)  # an unknown name raises an error listing the valid ones
-        return names
+        return self.registry.checkpoint_names(self.config.getoption("--checkpoint"), suite)
 
     @property
     def session(self):
         if self._session is None:
-            from .evaluate import EvalSettings, default_workers
-            from .gating import GateSettings
-            from .results import ResultsStore
-            from .session import EvalSession
+            from .session import session_from_options
 
-            opt = self.config.getoption
-            settings = EvalSettings(workers=opt("--vla-workers") or default_workers(), video=opt("--video"),
-                                    video_dir=Path(opt("--video-dir")), video_format=opt("--video-format"))
             try:
-                store = ResultsStore(Path(opt("--vla-results")))
-                gate = GateSettings.from_options(opt("--vla-alpha"), opt("--vla-compare-fail"), opt("--vla-strict"),
-                                                 opt("--vla-sequential"))
+                self._session = session_from_options(self.registry, OptionValues(self.config.getoption, "vla-"))
             except VlaBenchError as e:
                 raise _usage_error(e) from None
-            self._session = EvalSession(self.registry, store, settings, opt("--episodes"), opt("--max-steps"),
-                                        compare=opt("--vla-compare"), gate=gate, curtail=opt("--vla-curtail"),
-                                        baselines_dir=Path(opt("--vla-baselines")))
-            for item in opt("--vla-data"):  # checked in _check_options
-                suite, _, path = item.partition("=")
-                self._session.data_overrides[suite] = path
         return self._session
 
 
@@ -165,20 +120,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _check_options(config: pytest.Config) -> None:
     """Option values that are wrong whatever is collected: one usage error before collection, not one failed test
-    per task."""
-    for option in ("--episodes", "--max-steps"):
-        value = config.getoption(option)
-        if value is not None and value < 1:
-            raise pytest.UsageError(f"{option} must be at least 1, got {value}")
-    from .proxy_suites import PROXY_SUITES
-
-    for item in config.getoption("--vla-data"):
-        suite, sep, path = item.partition("=")
-        if not sep or not path:
-            raise pytest.UsageError(f"--vla-data {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
-        if suite not in PROXY_SUITES:
-            raise pytest.UsageError(f"--vla-data {item!r}: unknown suite {suite!r}; suites that read a dataset: "
-                                    f"{', '.join(PROXY_SUITES)}")
+    per task (the rules are options.check_values, which `vla-bench run` applies too)."""
+    try:
+        check_values(OptionValues(config.getoption, "vla-"))
+    except VlaBenchError as e:
+        raise _usage_error(e) from None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -209,11 +155,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"{metafunc.module.__file__}: a test using `libero_task` needs SUITE = '<suite>'")
     state = metafunc.config.stash[_STATE]
     try:
-        from .envs.tasks import suite_tasks
+        from .envs.tasks import check_episodes, suite_tasks
 
         names = state.checkpoint_names()
         tasks = suite_tasks(suite)
-        _check_episodes(metafunc.config.getoption("--episodes"), suite, tasks)
+        check_episodes(metafunc.config.getoption("--episodes"), suite)
         cases = [LiberoCase(suite, task.index, name) for task in tasks for name in names]
     except VlaBenchError as e:
         state.collection_errors[str(e)] = None  # raised once collection ends, as a usage error
@@ -224,7 +170,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def _parametrize_robustness(metafunc: pytest.Metafunc) -> None:
     """One case per (family, base suite, task, checkpoint), in that order; a module may narrow the families or
     the bases with FAMILIES = (...) / BASES = (...)."""
-    from .protocol import ROBUSTNESS_BASES, ROBUSTNESS_FAMILIES, robustness_suite
+    from .suites import ROBUSTNESS_BASES, ROBUSTNESS_FAMILIES, robustness_suite
 
     state = metafunc.config.stash[_STATE]
     try:
@@ -241,18 +187,6 @@ def _parametrize_robustness(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("libero_pro_task", cases, ids=[c.id for c in cases], indirect=True)
 
 
-def _check_episodes(episodes: int | None, suite: str, tasks) -> None:
-    """Episode i starts from init state i, so --episodes cannot exceed the fewest init states of a task."""
-    if episodes is None:
-        return
-    from .envs.tasks import init_states
-
-    available = min(len(init_states(suite, task.index)) for task in tasks)
-    if episodes > available:
-        raise VlaBenchError(f"--episodes {episodes}: {suite} has {available} init states per task (episode i starts "
-                            f"from init state i), so at most --episodes {available}")
-
-
 @dataclasses.dataclass(frozen=True)
 class ProxyCase:
     suite: str
@@ -265,11 +199,14 @@ class ProxyCase:
 
 
 def _parametrize_proxy(metafunc: pytest.Metafunc) -> None:
-    from .proxy import GATED_METRICS
+    from .open_loop import GATED_METRICS
 
     suite = getattr(metafunc.module, "SUITE", None)
     state = metafunc.config.stash[_STATE]
     try:
+        from .suites import OPEN_LOOP, get_suite
+
+        get_suite(suite, OPEN_LOOP)
         names = state.checkpoint_names(suite)
     except VlaBenchError as e:
         state.collection_errors[str(e)] = None
@@ -295,10 +232,9 @@ class ProxyMetricRunner:
         return result.figures[self.case.metric]
 
     def describe(self, figure) -> str:
-        low, high = figure.interval
-        return (f"{self.case.suite} {self.case.checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI "
-                f"{low:.3f}-{high:.3f}, {figure.n_episodes} episodes), threshold {figure.threshold.describe()}"
-                + (f"; {figure.error}" if figure.error else ""))
+        from .report import describe_figure
+
+        return describe_figure(self.case.suite, self.case.checkpoint, figure)
 
 
 @pytest.fixture
@@ -441,17 +377,17 @@ class LiberoTaskRunner:
 
     @staticmethod
     def describe_scene_mismatch(result) -> str:
-        shown = "; ".join(result.scene_mismatches[:3]) + ("; ..." if len(result.scene_mismatches) > 3 else "")
-        return (f"{result.suite} {result.task_id} {result.checkpoint}: {len(result.scene_mismatches)} episode(s) "
-                f"started from a scene that differs from the reference simulator stack ({shown}); its scores are "
-                f"not comparable with published ones: run `vla-bench doctor` and see the README's validated stacks")
+        from .report import describe_scene_mismatch
+
+        return describe_scene_mismatch(result)
 
     def _record_properties(self, result) -> None:
         """The figures as JUnit XML properties (--junitxml), for CI systems."""
         low, high = result.interval
         props = {"successes": result.successes, "episodes": result.episodes, "errors": result.errors,
                  "rate": round(result.rate, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
-                 "threshold": result.threshold, "episodes_saved": result.saved,
+                 "threshold": None if result.threshold is None else result.threshold.as_plain(),
+                 "episodes_saved": result.saved,
                  "scene_mismatches": len(result.scene_mismatches)}
         if result.gate is not None:
             g = result.gate
@@ -465,20 +401,15 @@ class LiberoTaskRunner:
 
     @staticmethod
     def describe_gate(result) -> str:
-        g = result.gate
-        return (f"{result.suite} {result.task_id} {result.checkpoint}: gate {g.verdict.upper()}: "
-                f"{g.candidate_rate:.1%} vs baseline {g.baseline_rate:.1%}, difference {g.difference:+.1%} "
-                f"(95% CI {g.difference_low:+.1%} to {g.difference_high:+.1%}), p = {g.pvalue:.4f} ({g.test})")
+        from .report import describe_gate
+
+        return describe_gate(result)
 
     @staticmethod
     def describe(result) -> str:
-        from .report import format_threshold
+        from .report import describe_task
 
-        low, high = result.interval
-        return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
-                f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {format_threshold(result.threshold)}"
-                + (f", {result.errors} episode(s) ended in errors (first: {result.first_error.strip().splitlines()[-1]})"
-                   if result.errors else ""))
+        return describe_task(result)
 
 
 @pytest.fixture
@@ -517,10 +448,9 @@ class RobustnessTaskRunner(LiberoTaskRunner):
 
     @staticmethod
     def describe(result) -> str:
-        d = result.drop
-        return (LiberoTaskRunner.describe(result.perturbed)
-                + f"; unperturbed {result.base.successes}/{result.base.episodes}, drop {d.drop:+.1%} "
-                  f"(95% CI {d.low:+.1%} to {d.high:+.1%}, {'paired' if d.paired else 'unpaired'})")
+        from .report import describe_robustness
+
+        return describe_robustness(result)
 
 
 @pytest.fixture

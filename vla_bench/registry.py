@@ -14,7 +14,8 @@ Layout of checkpoints.toml:
     [checkpoints.expert.thresholds.libero_spatial]
     default = 0.95                           # overrides the suite-wide threshold for this checkpoint
 
-A threshold is a number (the measured figure must be >= it) or a [low, high] pair (it must lie inside).
+A threshold is a number (the measured figure must be >= it) or a [low, high] pair (it must lie inside); both are
+read into the one Threshold type (vla_bench/thresholds.py).
 Lookup order for (checkpoint, suite, case): checkpoint's case, checkpoint's suite default, file's case, file's
 suite default, then the library default for that suite (proxy metrics), else an error naming what to add.
 """
@@ -29,8 +30,7 @@ import tomlkit
 
 from .errors import VlaBenchError, choices
 from .policies.kinds import COMMON_KEYS, family_module
-
-Threshold = float | tuple[float, float]
+from .thresholds import Threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,19 +133,29 @@ class Registry:
             raise VlaBenchError(f"unknown checkpoint {name!r} in {self.path}; valid: {choices(self.checkpoints)}")
         return self.checkpoints[name]
 
+    def checkpoint_names(self, requested: list[str] | None, suite: str | None = None) -> list[str]:
+        """The entries to evaluate: the --checkpoint names, else the suite's own defaults ([datasets.SUITE]
+        checkpoints), else `default`; an unknown name raises an error listing the valid ones."""
+        suite_defaults = self.datasets.get(suite, {}).get("checkpoints") if suite else None
+        names = list(requested or suite_defaults or [self.default])
+        for name in names:
+            self.get(name)
+        return names
+
     def threshold(self, spec: CheckpointSpec, suite: str, case: str,
                   library_default: Threshold | None = None) -> Threshold:
         """The threshold of `case` (a task id) in `suite`: the entry's own table first, then the file's; a task's key
-        before `default`. A robustness variant (libero_goal_lan) falls back to the [thresholds.libero_pro] tables,
-        so one default covers every family while any one variant can still set its own."""
-        from .protocol import ROBUSTNESS_THRESHOLDS, split_robustness_suite
+        before `default`. A robustness variant (libero_goal_lan) falls back to its record's threshold_fallback tables
+        ([thresholds.libero_pro]), so one default covers every family while any one variant can still set its own."""
+        from .suites import SUITES
 
-        names = (suite, ROBUSTNESS_THRESHOLDS) if split_robustness_suite(suite) else (suite,)
+        fallback = getattr(SUITES.get(suite), "threshold_fallback", None)
+        names = (suite, fallback) if fallback else (suite,)
         for name in names:
             for table in (spec.thresholds.get(name, {}), self.suite_thresholds.get(name, {})):
                 for key in (case, "default"):
                     if key in table:
-                        return _as_threshold(table[key])
+                        return Threshold.success_rate(table[key])
         if library_default is not None:
             return library_default
         raise VlaBenchError(f"{self.path}: no threshold for {suite} {case}: add [thresholds.{names[-1]}] default = ... "
@@ -203,12 +213,6 @@ def default_path(start: Path | None = None) -> Path:
             return folder / "checkpoints.toml"
     raise VlaBenchError(f"no checkpoints.toml in {start} or its parents; pass --checkpoints-file PATH "
                         "or set VLA_BENCH_CHECKPOINTS")
-
-
-def _as_threshold(value: Any) -> Threshold:
-    if isinstance(value, list):
-        return (float(value[0]), float(value[1]))
-    return float(value)
 
 
 def _is_number(value: Any) -> bool:

@@ -8,14 +8,7 @@ from rich.table import Table
 
 from .evaluate import TaskResult, summarize
 from .results import EpisodeRecord
-
-
-def format_threshold(threshold) -> str:
-    if threshold is None:
-        return "-"
-    if isinstance(threshold, tuple):
-        return f"[{threshold[0]:.0%}, {threshold[1]:.0%}]"
-    return f">= {threshold:.0%}"
+from .thresholds import describe as describe_threshold
 
 
 def verdict_text(passed: bool | None) -> str:
@@ -32,7 +25,7 @@ def task_table(results: Iterable[TaskResult], title: str = "vla-bench: closed-lo
     for r in results:
         low, high = r.interval
         table.add_row(r.suite, r.task_id, r.checkpoint, f"{r.successes}/{r.episodes}", f"{r.rate:.1%}",
-                      f"[{low:.1%}, {high:.1%}]", format_threshold(r.threshold), verdict_text(r.passed),
+                      f"[{low:.1%}, {high:.1%}]", describe_threshold(r.threshold), verdict_text(r.passed),
                       "-" if r.mean_steps is None else f"{r.mean_steps:.1f}", str(r.errors),
                       f"{r.wall_s:.0f} s" + (f" ({r.resumed} resumed)" if r.resumed else ""))
     return table
@@ -51,9 +44,48 @@ def proxy_table(results: dict, title: str = "vla-bench: open-loop proxy metrics"
             low, high = f.interval
             verdict = verdict_text(f.passed) + (" [yellow](!)[/]" if f.warning else "")
             table.add_row(suite, checkpoint, f.name, f"{f.value:.3f}", f"[{low:.3f}, {high:.3f}]",
-                          "-" if f.threshold is None else f.threshold.describe(), verdict, str(f.n_episodes),
+                          describe_threshold(f.threshold), verdict, str(f.n_episodes),
                           str(f.n_frames), "-" if f.reference is None else f"{f.reference:.3f}")
     return table
+
+
+def describe_task(result: TaskResult) -> str:
+    """One task's figure as a sentence (the assertion message of a suite test, a line of `vla-bench run`)."""
+    low, high = result.interval
+    return (f"{result.suite} {result.task_id} {result.checkpoint}: {result.successes}/{result.episodes} "
+            f"= {result.rate:.1%} (95% CI {low:.1%}-{high:.1%}), threshold {describe_threshold(result.threshold)}"
+            + (f", {result.errors} episode(s) ended in errors (first: {result.first_error.strip().splitlines()[-1]})"
+               if result.errors else ""))
+
+
+def describe_gate(result: TaskResult) -> str:
+    g = result.gate
+    return (f"{result.suite} {result.task_id} {result.checkpoint}: gate {g.verdict.upper()}: "
+            f"{g.candidate_rate:.1%} vs baseline {g.baseline_rate:.1%}, difference {g.difference:+.1%} "
+            f"(95% CI {g.difference_low:+.1%} to {g.difference_high:+.1%}), p = {g.pvalue:.4f} ({g.test})")
+
+
+def describe_scene_mismatch(result: TaskResult) -> str:
+    shown = "; ".join(result.scene_mismatches[:3]) + ("; ..." if len(result.scene_mismatches) > 3 else "")
+    return (f"{result.suite} {result.task_id} {result.checkpoint}: {len(result.scene_mismatches)} episode(s) "
+            f"started from a scene that differs from the reference simulator stack ({shown}); its scores are "
+            f"not comparable with published ones: run `vla-bench doctor` and see the README's validated stacks")
+
+
+def describe_robustness(result) -> str:
+    """A robustness case (a RobustnessResult) as a sentence: the perturbed task's figure, then the drop."""
+    d = result.drop
+    return (describe_task(result.perturbed)
+            + f"; unperturbed {result.base.successes}/{result.base.episodes}, drop {d.drop:+.1%} "
+              f"(95% CI {d.low:+.1%} to {d.high:+.1%}, {'paired' if d.paired else 'unpaired'})")
+
+
+def describe_figure(suite: str, checkpoint: str, figure) -> str:
+    """One open-loop proxy figure as a sentence."""
+    low, high = figure.interval
+    return (f"{suite} {checkpoint} {figure.name} = {figure.value:.3f} (95% bootstrap CI {low:.3f}-{high:.3f}, "
+            f"{figure.n_episodes} episodes), threshold {describe_threshold(figure.threshold)}"
+            + (f"; {figure.error}" if figure.error else ""))
 
 
 def robustness_table(results, title: str = "vla-bench: robustness (LIBERO-PRO)") -> Table:
@@ -70,7 +102,7 @@ def robustness_table(results, title: str = "vla-bench: robustness (LIBERO-PRO)")
                       f"{r.base.rate:.1%} ({r.base.successes}/{r.base.episodes})",
                       f"{r.perturbed.rate:.1%} ({r.perturbed.successes}/{r.perturbed.episodes})",
                       f"{d.drop:+.1%} [{d.low:+.1%}, {d.high:+.1%}]", f"{d.pvalue:.4f}",
-                      "paired" if d.paired else "unpaired", format_threshold(r.perturbed.threshold),
+                      "paired" if d.paired else "unpaired", describe_threshold(r.perturbed.threshold),
                       verdict_text(r.passed))
     return table
 

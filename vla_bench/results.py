@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import sqlite3
 import sys
@@ -42,6 +43,22 @@ CREATE TABLE IF NOT EXISTS episodes (
     created        REAL NOT NULL,
     scene_check    TEXT,
     PRIMARY KEY (identity, suite, task_index, protocol_key, init_index)
+);
+CREATE TABLE IF NOT EXISTS proxy_figures (
+    checkpoint  TEXT NOT NULL,
+    identity    TEXT NOT NULL,
+    suite       TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    metric      TEXT NOT NULL,
+    value       REAL NOT NULL,
+    low         REAL NOT NULL,
+    high        REAL NOT NULL,
+    n_episodes  INTEGER NOT NULL,
+    n_frames    INTEGER NOT NULL,
+    per_episode TEXT NOT NULL,
+    versions    TEXT NOT NULL,
+    created     REAL NOT NULL,
+    PRIMARY KEY (identity, suite, source, metric)
 );
 """
 
@@ -156,8 +173,41 @@ class ResultsStore:
             records.append(EpisodeRecord(**values))
         return records
 
+    # ---- open-loop proxy figures ----------------------------------------------------------------------------------
+    def add_proxy_figures(self, checkpoint: str, identity: str, suite: str, result, versions: dict) -> None:
+        """One row per metric of an OpenLoopResult, with its per-episode values, so a paired comparison needs no
+        re-run."""
+        self.db.execute("BEGIN")  # all of a result's figures or none: a failure leaves no half-written result behind
+        try:
+            for name, fig in result.figures.items():
+                per_episode = [] if fig.per_episode is None else [None if v != v else float(v)
+                                                                  for v in fig.per_episode]
+                self.db.execute("INSERT OR REPLACE INTO proxy_figures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                (checkpoint, identity, suite, result.source, name, _real(fig.value),
+                                 _real(fig.interval[0]), _real(fig.interval[1]), fig.n_episodes, fig.n_frames,
+                                 json.dumps(per_episode), json.dumps(versions, sort_keys=True), time.time()))
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def proxy_figures(self, checkpoint: str, suite: str) -> dict[str, dict]:
+        """The stored figures of a checkpoint on an open-loop suite: {metric: {value, ci, episodes, frames}} (empty
+        when none are stored)."""
+        rows = self.db.execute("SELECT metric, value, low, high, n_episodes, n_frames FROM proxy_figures "
+                               "WHERE checkpoint = ? AND suite = ?", (checkpoint, suite)).fetchall()
+        return {m: {"value": float(v), "ci": [float(lo), float(hi)], "episodes": n, "frames": f}
+                for m, v, lo, hi, n, f in rows}
+
     def close(self) -> None:
         self.db.close()
+
+
+def _real(x: float) -> float | str:
+    """SQLite turns a NaN into NULL (and the REAL NOT NULL columns refuse it): non-finite figures are stored as the
+    text 'nan' / 'inf' / '-inf', which float() reads back."""
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
 
 
 def _store_error(path: Path, error: sqlite3.DatabaseError) -> str:

@@ -1,7 +1,7 @@
 """Robustness suites (LIBERO-PRO): a checkpoint's rate on a perturbed task beside its rate on the unperturbed one,
 and the drop between them with its 95% interval.
 
-The statistics are the regression gate's (metrics/gate.py compare_task), with the unperturbed task as the baseline
+The statistics are the regression gate's (metrics/verdicts.py compare_task), with the unperturbed task as the baseline
 and the perturbed one as the candidate: paired by init state (Newcombe's paired interval, exact McNemar) when the
 two tasks start from the same init states, unpaired otherwise (Newcombe's hybrid score interval, Boschloo's exact
 test). LIBERO-PRO ships its own init states for every variant, sampled afresh (objects and robot joints differ from
@@ -14,8 +14,8 @@ import dataclasses
 
 import numpy as np
 
-from .metrics.gate import TaskOutcomes, can_pair, compare_task
-from .protocol import split_robustness_suite
+from .metrics.verdicts import TaskOutcomes, can_pair, compare_task
+from .suites import split_robustness_suite
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The state of one evaluation session: registry, results store, policy cache and the results so far.
 
-Both front ends use it: the pytest plugin keeps one per pytest session, the CLI one per command. Policies are
-built once per (checkpoint, suite) and their heavy parts (models) are shared through one ModelCache.
+Both front ends build it with `session_from_options` from the same options (vla_bench/options.py): the pytest
+plugin keeps one per pytest session, `vla-bench run` one per command. Policies are built once per (checkpoint, suite)
+and their heavy parts (models) are shared through one ModelCache.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Callable
 from .baselines import BaselineRun, load_baseline, save_baseline, task_pairs
 from .envs.tasks import suite_tasks
 from .errors import VlaBenchError
-from .evaluate import EvalSettings, TaskResult, evaluate_task
-from .gating import GateSettings, check_protocol_matches, gate_task, run_from_records, stop_rule
-from .metrics.gate import compare_suite
+from .evaluate import EvalSettings, TaskResult, default_workers, evaluate_task
+from .gate import GateSettings, check_protocol_matches, gate_task, run_from_records, stop_rule
+from .metrics.verdicts import compare_suite
+from .options import OptionValues
 from .policies import BuildContext, ModelCache, Policy, build_policy
 from .protocol import Protocol, reference_protocol
 from .registry import CheckpointSpec, Registry
@@ -87,7 +89,7 @@ class EvalSession:
         """A robustness variant's task (libero_goal_lan task1) and its unperturbed task (libero_goal task1), both
         run or resumed from the store, and the drop between them. progress_for(suite) gives each run's callback."""
         from .envs.tasks import init_states
-        from .protocol import split_robustness_suite
+        from .suites import split_robustness_suite
         from .robustness import RobustnessResult, drop_of, init_states_pair
 
         split = split_robustness_suite(suite)
@@ -154,9 +156,7 @@ class EvalSession:
         """Predict and score a whole open-loop dataset once per (checkpoint, suite); every metric test reads it."""
         key = (spec.name, suite)
         if key not in self.proxy_results:
-            from .proxy import evaluate_open_loop, resolve_thresholds
-            from .proxy_suites import open_loop_source, store_figures
-            from .results import library_versions
+            from .open_loop import evaluate_open_loop, open_loop_source, resolve_thresholds
 
             if suite in self.data_overrides:  # --vla-data: the path changes, the table's other keys stay
                 dataset = {**self.registry.datasets.get(suite, {}), "path": self.data_overrides[suite]}
@@ -165,6 +165,24 @@ class EvalSession:
             overrides = {**self.registry.suite_thresholds.get(suite, {}), **spec.thresholds.get(suite, {})}
             result = evaluate_open_loop(self.policy(spec, suite), open_loop_source(suite, dataset),
                                         thresholds=resolve_thresholds(overrides))
-            store_figures(self.store.db, spec.name, self.identity(spec), suite, result, library_versions())
+            self.store.add_proxy_figures(spec.name, self.identity(spec), suite, result, library_versions())
             self.proxy_results[key] = result
         return self.proxy_results[key]
+
+
+def session_from_options(registry: Registry, values: OptionValues) -> EvalSession:
+    """The session that the evaluation options ask for (options.add_evaluation_options), for either front end."""
+    gate = GateSettings.from_options(values("alpha"), values("compare-fail"), values("strict"), values("sequential"))
+    data_overrides = {}
+    for item in values("data"):
+        suite, sep, path = item.partition("=")
+        if not sep:
+            raise VlaBenchError(f"{values.flag('data')} {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
+        data_overrides[suite] = path
+    settings = EvalSettings(workers=values("workers") or default_workers(), video=values("video"),
+                            video_dir=Path(values("video-dir")), video_format=values("video-format"))
+    session = EvalSession(registry, ResultsStore(Path(values("results"))), settings, values("episodes"),
+                          values("max-steps"), compare=values("compare"), gate=gate, curtail=values("curtail"),
+                          baselines_dir=Path(values("baselines")))
+    session.data_overrides.update(data_overrides)
+    return session

@@ -39,9 +39,6 @@ BRIDGE_ACTION_STATS = {
     "mask": np.array([True] * 6 + [False]),
 }
 
-#: Bridge's gripper convention, for both the data and OpenVLA's un-normalized output: 1 = open, 0 = closed
-BRIDGE_GRIPPER_CONVENTION = "open_is_1"
-
 _IMAGE_KEY = "steps/observation/image_0"
 _NEEDED = ("steps/observation/state", "steps/action", "steps/language_instruction", "episode_metadata/file_path")
 

@@ -33,9 +33,6 @@ import numpy as np
 
 from ..errors import VlaBenchError
 
-#: LIBERO's gripper convention in actions: -1 = open, +1 = close
-LIBERO_GRIPPER_CONVENTION = "open_is_minus_1"
-
 _DEMO = re.compile(r"^demo_(\d+)$")
 #: False while a demo group is being written, True once its data are on disk (absent in LIBERO's own files)
 COMPLETE_ATTR = "vla_bench_complete"

@@ -14,8 +14,8 @@ import re
 
 import numpy as np
 
-from ..errors import VlaBenchError, choices
-from ..protocol import LIBERO_SUITES, ROBUSTNESS_SUITES, split_robustness_suite
+from ..errors import VlaBenchError
+from ..suites import CLOSED_LOOP, get_suite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +51,12 @@ def parse_task_id(suite: str, text: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _benchmark(suite: str):
-    if suite not in LIBERO_SUITES + ROBUSTNESS_SUITES:
-        raise VlaBenchError(f"unknown suite {suite!r}; valid suites: {choices(LIBERO_SUITES + ROBUSTNESS_SUITES)}")
+    source = get_suite(suite, CLOSED_LOOP).task_source
     from libero.libero import benchmark
 
     # LIBERO prints an "[info] Applying task order ..." line on construction: keep it out of pytest's output.
     with contextlib.redirect_stdout(io.StringIO()):
-        return benchmark.get_benchmark_dict()[suite]()
+        return benchmark.get_benchmark_dict()[source]()
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,7 +71,7 @@ def suite_tasks(suite: str) -> tuple[TaskInfo, ...]:
         path = os.path.join(root, t.problem_folder, t.bddl_file)
         # LIBERO derives `language` from the file name, which a robustness variant keeps: its reworded (`_lan`) or
         # new (`_task`) instruction is only in the BDDL. The standard suites keep the reference protocol's.
-        language = bddl_language(path) if split_robustness_suite(suite) else t.language
+        language = bddl_language(path) if get_suite(suite).base else t.language
         infos.append(TaskInfo(suite, i, t.name, language, path))
     return tuple(infos)
 
@@ -95,3 +94,13 @@ def bddl_language(path: str) -> str:
 def init_states(suite: str, index: int) -> np.ndarray:
     """LIBERO's fixed init states of a task: episode i of the protocol starts from row i."""
     return _benchmark(suite).get_task_init_states(index)
+
+
+def check_episodes(episodes: int | None, suite: str) -> None:
+    """Episode i starts from init state i, so --episodes cannot exceed the fewest init states of a task."""
+    if episodes is None:
+        return
+    available = min(len(init_states(suite, task.index)) for task in suite_tasks(suite))
+    if episodes > available:
+        raise VlaBenchError(f"--episodes {episodes}: {suite} has {available} init states per task (episode i starts "
+                            f"from init state i), so at most --episodes {available}")

@@ -127,7 +127,7 @@ def _relative(path: Path, toml: Path) -> str:
 
 
 def config_from_args(args, base_dir: Path, out: Path, unnorm_key: str, prompt: str):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return TrainConfig(
         base=str(base_dir), out=str(out), unnorm_key=unnorm_key, lora=not args.full, lora_rank=args.lora_rank,
@@ -190,7 +190,8 @@ def run_finetune(args) -> int:
     from ..registry import Registry
     from . import data as data_mod
     from . import stats as stats_mod
-    from .train import prepare_examples, train
+    from .examples import prepare_examples
+    from .train import train
 
     rank = int(os.environ.get("RANK", "0"))
     started = time.monotonic()
@@ -255,7 +256,7 @@ def run_finetune(args) -> int:
         examples[split] = cache
     cfg = config_from_args(args, base_dir, out, unnorm_key, base_spec.options.get("prompt", "openvla"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # other ranks wait for rank 0's frame cache
-        from .train import setup_distributed
+        from .distributed import setup_distributed
         import torch.distributed as dist
 
         setup_distributed(cfg.device)

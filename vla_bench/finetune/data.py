@@ -5,7 +5,7 @@ Every source becomes a list of `Trajectory`s whose actions are already the *trai
 - dims 0-5: the recorded end-effector deltas (LIBERO: OSC_POSE commands in [-1, 1]; Bridge: reached-state deltas);
 - dim 6: the gripper in OpenVLA's dataset convention, 1 = open, 0 = closed. LIBERO records -1 = open, +1 = close,
   and OpenVLA's `libero_dataset_transform` maps it with g -> 1 - clip(g, 0, 1). Evaluation inverts exactly that
-  (vla_bench/openvla/gripper.py: 2g - 1, sign, negate), so a model trained on these targets drives LIBERO right.
+  (vla_bench/gripper.py: 2g - 1, sign, negate), so a model trained on these targets drives LIBERO right.
 - frames upright, as OpenVLA's RLDS conversion stores them and as evaluation feeds them: LIBERO's HDF5 renders are
   upside down and are rotated 180 degrees here ([::-1, ::-1]); RLDS LIBERO frames are already rotated.
 
@@ -34,13 +34,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import VlaBenchError, choices
-from ..openvla.gripper import libero_to_training
+from ..gripper import MODEL_CONVENTION, libero_to_training
 from ..policies.repeat import execution_rule  # one home, beside its replay at evaluation
 
 #: OpenVLA's no-op threshold on ||a[0:6]||_2 (regenerate_libero_dataset.py)
 NOOP_THRESHOLD = 1e-4
-#: the gripper convention of every training target produced here
-TRAINING_GRIPPER_CONVENTION = "open_is_1"
 SOURCE_KINDS = ("libero_hdf5", "libero_rlds", "bridge_rlds")
 
 
@@ -294,7 +292,7 @@ def load_training_data(kind: str, paths: str | os.PathLike | Sequence[str | os.P
             "num_trajectories": len(trajectories), "num_transitions": int(sum(len(t) for t in trajectories)),
             "noop_filter": {"enabled": filter_noops and kind != "bridge_rlds", "threshold": NOOP_THRESHOLD,
                             "dropped": counts["noops_dropped"]},
-            "gripper_convention": TRAINING_GRIPPER_CONVENTION, "images_upright": True,
+            "gripper_convention": MODEL_CONVENTION, "images_upright": True,
             "execution": execution_rule(action_repeat, control_hz)}
     return TrainingData(trajectories, info)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from ..errors import VlaBenchError
+
 
 def _z(confidence: float) -> float:
     if not 0.0 < confidence < 1.0:
@@ -132,3 +134,24 @@ def _scalar_or_array(x):
     """Plain floats for scalar input (what tables and JSON want), arrays for array input."""
     x = np.asarray(x, dtype=float)
     return float(x) if x.ndim == 0 else x
+
+
+def paired_bootstrap_interval(baseline_values, candidate_values, *, confidence: float = 0.95,
+                              resamples: int = 9999, seed: int = 0) -> tuple[float, float, float]:
+    """(mean difference candidate - baseline, low, high): a BCa bootstrap interval that resamples episodes, keeping
+    each episode's two values together (scipy.stats.bootstrap, paired=True). For open-loop proxy metrics (e.g.
+    per-episode action error) measured on the same episodes by both checkpoints. Fixed seed: the same arrays
+    always give the same interval."""
+    base = np.asarray(baseline_values, dtype=float)
+    cand = np.asarray(candidate_values, dtype=float)
+    if base.shape != cand.shape or base.ndim != 1:
+        raise VlaBenchError(f"paired metrics need two 1-d arrays of equal length, got {base.shape} and {cand.shape}")
+    if base.size < 2:
+        raise VlaBenchError(f"a bootstrap interval needs at least 2 episodes, got {base.size}")
+    differences = cand - base
+    estimate = float(differences.mean())
+    if np.ptp(differences) == 0:  # every episode moved by the same amount: nothing to resample
+        return estimate, estimate, estimate
+    result = stats.bootstrap((differences,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                             method="BCa", rng=np.random.default_rng(seed), vectorized=True)
+    return estimate, float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -24,7 +24,7 @@ class BaseModel:
         self.snapshot = snapshot
         self.peft = None  # peft.PeftModel once an adapter is loaded
         self.adapters: dict[str, Path] = {}  # PEFT adapter name -> folder
-        from .model import FastGenerator
+        from .fast_generator import FastGenerator
 
         self.generator = FastGenerator(snapshot.model)
 

@@ -1,9 +1,10 @@
 """The OpenVLA Policy: camera frames and instructions in, environment actions out, batched over env slots.
 
-Per suite family (the one table below): which observation key holds the frame, whether it needs LIBERO's 180-degree
-rotation, which gripper convention the actions go out in, and the default norm-stats key. The chain per step is the
-reference's: image chain (image.py) -> prompt (prompt.py) -> greedy 7 tokens (model.py) -> bin centres
-(action_tokenizer.py) -> unnormalize (normalization.py) -> gripper (gripper.py).
+Per suite, its record (vla_bench/suites.py) says which observation key holds the frame, whether it needs LIBERO's
+180-degree rotation and OpenVLA's center crop, which gripper convention the actions go out in, and the default
+norm-stats keys. The chain per step is the
+reference's: image chain (image.py) -> prompt (prompt.py) -> greedy 7 tokens (fast_generator.py) -> bin centres
+(action_tokenizer.py) -> unnormalize (normalization.py) -> gripper (vla_bench/gripper.py).
 """
 from __future__ import annotations
 
@@ -12,35 +13,15 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import gripper
 from ..errors import VlaBenchError, choices
 from ..policies.repeat import ActionRepeater
-from . import action_tokenizer, gripper, image, normalization
+from ..suites import Suite, get_suite
+from . import action_tokenizer, image, normalization
 from .prompt import build_prompt
 
 
-@dataclasses.dataclass(frozen=True)
-class SuiteConvention:
-    image_key: str
-    flip: bool
-    gripper: str
-    unnorm_keys: tuple[str, ...]  # defaults tried in order when the entry sets no unnorm_key
-    center_crop: bool  # default when the entry does not say: the reference's LIBERO default, Bridge's requirement
-
-
-def suite_convention(suite: str) -> SuiteConvention:
-    if suite == "libero_demos":  # open-loop proxy on LIBERO HDF5 demos: frames are raw renders (upside down, as
-        # LIBERO's files store them), so the same 180-degree flip as in closed loop; actions in LIBERO's units
-        return SuiteConvention("image", flip=True, gripper="libero", unnorm_keys=(), center_crop=True)
-    if suite.startswith("libero"):  # closed loop: raw renders, reference key rule (suite, then suite_no_noops)
-        return SuiteConvention("agentview_image", flip=True, gripper="libero",
-                               unnorm_keys=(suite, f"{suite}_no_noops"), center_crop=True)
-    if suite.startswith("bridge"):
-        return SuiteConvention("image", flip=False, gripper="bridge", unnorm_keys=("bridge_orig",),
-                               center_crop=False)
-    raise VlaBenchError(f"suite {suite!r} has no OpenVLA convention; known: libero_* suites, libero_demos, bridge_v2")
-
-
-def resolve_unnorm_key(norm_stats: dict, requested: str | None, convention: SuiteConvention, where: str = "") -> str:
+def resolve_unnorm_key(norm_stats: dict, requested: str | None, suite: Suite, where: str = "") -> str:
     present = sorted(norm_stats)
     if not present:
         raise VlaBenchError(f"{where}the checkpoint has no norm stats (config.json norm_stats or "
@@ -50,12 +31,12 @@ def resolve_unnorm_key(norm_stats: dict, requested: str | None, convention: Suit
             raise VlaBenchError(f"{where}unnorm_key {requested!r} is not in the checkpoint's norm stats; "
                                 f"present: {choices(present)}")
         return requested
-    for key in convention.unnorm_keys:
+    for key in suite.unnorm_keys:
         if key in norm_stats:
             return key
     if len(present) == 1:
         return present[0]
-    tried = f" (tried {choices(convention.unnorm_keys)})" if convention.unnorm_keys else ""
+    tried = f" (tried {choices(suite.unnorm_keys)})" if suite.unnorm_keys else ""
     raise VlaBenchError(f"{where}set unnorm_key: no default norm stats for this suite{tried}; "
                         f"present: {choices(present)}")
 
@@ -77,16 +58,16 @@ class OpenVLAPolicy:
                  action_repeat: int = 1, where: str = ""):
         self.base = base
         self.adapter = adapter
-        self.convention = suite_convention(suite)
-        self.center_crop = self.convention.center_crop if center_crop is None else center_crop
+        self.suite = get_suite(suite)
+        self.center_crop = self.suite.center_crop if center_crop is None else center_crop
         self.prompt = prompt
         stats = base.snapshot.norm_stats if norm_stats is None else norm_stats
-        self.unnorm_key = resolve_unnorm_key(stats, unnorm_key, self.convention, where)
+        self.unnorm_key = resolve_unnorm_key(stats, unnorm_key, self.suite, where)
         self.stats = normalization.action_stats(stats, self.unnorm_key, where)
         self.repeater = ActionRepeater(action_repeat)  # the execution rule of a subsampled fine-tune (k = 1: none)
         self.action_repeat = self.repeater.action_repeat
         # env workers run the image chain on their own frames, in parallel (policies/base.py)
-        self.observation_transform = image.FrameChain(self.convention.image_key, self.convention.flip,
+        self.observation_transform = image.FrameChain(self.suite.image_key, self.suite.flip,
                                                       self.center_crop, base.model.arch.image_size)
 
     @property
@@ -116,7 +97,7 @@ class OpenVLAPolicy:
         ids = ids.cpu().numpy()
         normalized = action_tokenizer.decode(ids, model.arch.action_vocab_size)
         actions = normalization.unnormalize(normalized, self.stats["q01"], self.stats["q99"], self.stats["mask"])
-        return Inference(actions=gripper.postprocess(actions, self.convention.gripper), tokens=ids, frames=frames,
+        return Inference(actions=gripper.postprocess(actions, self.suite.gripper), tokens=ids, frames=frames,
                          logits=logits)
 
     def act(self, observations: Sequence[dict], instructions: Sequence[str], slots: Sequence[int]) -> np.ndarray:

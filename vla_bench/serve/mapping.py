@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import VlaBenchError, choices
+from ..gripper import SERVER_CONVENTIONS, server_to_libero
 
 #: the state layouts a mapping can send: name -> (size, description)
 STATE_LAYOUTS = {
@@ -212,13 +213,8 @@ def _get(wire, key: str, where: str = ""):
 
 
 # ---- actions ------------------------------------------------------------------------------------------------------
-#: gripper conventions a server may answer in -> how to turn its last dim into LIBERO's (-1 open, +1 close)
-GRIPPERS = {
-    "libero": "-1 open, +1 close (LIBERO's own; passed through)",
-    "open-positive": "+1 open, -1 close (negated)",
-    "open-one": "1 open, 0 closed (OpenVLA's training data; thresholded at 0.5)",
-    "close-one": "0 open, 1 closed (mapped to 2g - 1)",
-}
+#: gripper conventions a server may answer in (their home: vla_bench/gripper.py)
+GRIPPERS = SERVER_CONVENTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,15 +230,7 @@ class ActionMapping:
             from ..openvla.normalization import unnormalize
 
             out = unnormalize(out, self.stats["q01"], self.stats["q99"], self.stats["mask"])
-        g = out[..., -1]
-        if self.gripper == "open-positive":
-            out[..., -1] = -g
-        elif self.gripper == "open-one":
-            from ..openvla.gripper import postprocess
-
-            out = postprocess(out, "libero")
-        elif self.gripper == "close-one":
-            out[..., -1] = 2.0 * g - 1.0
+        out = server_to_libero(out, self.gripper)
         if self.binarize_gripper:
             out[..., -1] = np.where(out[..., -1] < 0, -1.0, 1.0)
         return out

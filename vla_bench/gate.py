@@ -1,7 +1,8 @@
-"""Regression gating of closed-loop runs: stored episodes -> baseline runs, gate settings, curtailment rules.
+"""The regression gate of closed-loop runs: stored episodes -> baseline runs, gate settings, stop rules, verdicts.
 
-The statistics live in metrics/gate.py and the JSON files in baselines.py; this module connects them to the
-results store and to one evaluation, for both the pytest plugin and `vla-bench gate`.
+The statistics live in vla_bench/metrics/ (verdicts, exact tests, curtailment, sequential design) and the JSON files
+in baselines.py; this module connects them to the results store and to one evaluation, for both the pytest plugin
+and `vla-bench gate`.
 """
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from typing import Callable, Mapping
 
 from .baselines import BaselineRun, check_comparable, make_baseline
 from .errors import VlaBenchError
-from .metrics.gate import (FAIL, INCONCLUSIVE, SequentialDesign, TaskOutcomes, compare_task, gate_curtailment,
-                           parse_fail_spec, sequential_gate, threshold_curtailment)
+from .metrics.curtailment import gate_curtailment, threshold_curtailment
+from .metrics.sequential import SequentialDesign, sequential_gate
+from .metrics.verdicts import FAIL, INCONCLUSIVE, TaskOutcomes, compare_task, parse_fail_spec
+from .options import DEFAULT_ALPHA
 from .protocol import Protocol
 from .results import EpisodeRecord
+from .thresholds import Threshold
 
 
 @dataclasses.dataclass(frozen=True)
 class GateSettings:
-    alpha: float = 0.05
+    alpha: float = DEFAULT_ALPHA
     margin: float = 0.0  # a drop up to this (fraction) is tolerated: --vla-compare-fail=drop:5pp
     strict: bool = False  # inconclusive counts as failure (non-inferiority mode)
     looks: int = 0  # > 0: the group-sequential gate with this many equally spaced looks (--vla-sequential)
@@ -76,7 +80,7 @@ def sequential_result(baseline: TaskOutcomes, outcomes: Mapping[int, bool], sett
     return sequential_gate(baseline, TaskOutcomes(baseline.task, prefix), design, strict=settings.strict)
 
 
-def stop_rule(planned: range, threshold=None, baseline: TaskOutcomes | None = None,
+def stop_rule(planned: range, threshold: Threshold | None = None, baseline: TaskOutcomes | None = None,
               settings: GateSettings | None = None, curtail: bool = True) -> Callable[[dict[int, bool]], bool]:
     """When a task may stop early: with `curtail`, once neither the threshold verdict (a number threshold) nor the
     gate verdict can change, whatever the remaining episodes give (exact: it never changes a verdict); with a
@@ -85,9 +89,9 @@ def stop_rule(planned: range, threshold=None, baseline: TaskOutcomes | None = No
 
     def determined(outcomes: dict[int, bool]) -> bool:
         if curtail:
-            if isinstance(threshold, (int, float)):
+            if threshold is not None and threshold.is_minimum:
                 if not threshold_curtailment(sum(outcomes.values()), len(outcomes), len(planned),
-                                             threshold).determined:
+                                             threshold.minimum).determined:
                     return False
             elif threshold is not None:
                 return False  # a [low, high] range: no curtailment rule, run everything

@@ -2,9 +2,8 @@
 
 Conventions: `pred` and `gt` are (N, D) float arrays of N frames (D = 7 for full actions: 0-2 translation,
 3-5 rotation, 6 gripper; most functions also take the 6 movement dims alone). A `dead_zone` is a (D,) array of
-per-dim magnitudes below which a value means "no motion". Gripper conventions name how a side encodes the gripper:
-"open_is_1" (Bridge data and OpenVLA's Bridge output: 1 = open, 0 = closed) and "open_is_minus_1" (LIBERO:
--1 = open, +1 = close).
+per-dim magnitudes below which a value means "no motion". Gripper conventions name how a side encodes the gripper
+(vla_bench/gripper.py: "open_is_1" for Bridge and OpenVLA's output, "open_is_minus_1" for LIBERO).
 
 Episode-level statistics (the success score) take one episode's arrays; pooled figures over many episodes, and
 their bootstrap intervals, are built from per-episode sufficient statistics (see `bootstrap_interval`).
@@ -15,16 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import VlaBenchError, choices
+from ..gripper import is_open
+from ..openvla.action_tokenizer import N_BINS
 
-#: convention name -> maps a gripper value to its "openness" in [0, 1] (1 = fully open); thresholded at 0.5
-GRIPPER_CONVENTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "open_is_1": lambda g: g,
-    "open_is_minus_1": lambda g: (1.0 - g) / 2.0,
-}
-
-#: OpenVLA's action tokenizer has 256 bins over [-1, 1] of the normalized range; one bin spans (q99 - q01) / 255
-_BINS = 255
+#: OpenVLA's action tokenizer has N_BINS edges over [-1, 1] of the normalized range; one bin spans (q99 - q01) / 255
+_BIN_WIDTHS = N_BINS - 1
 
 
 def _pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +49,7 @@ def dead_zone_from_stats(q01, q99, grid_steps: float = 2.0) -> np.ndarray:
     model that predicts no motion outputs this value, so a smaller dead zone would read it as a direction. The
     second keeps the zone at least a couple of decodable bins wide where the range is symmetric."""
     q01, q99 = np.asarray(q01, dtype=np.float64), np.asarray(q99, dtype=np.float64)
-    return np.maximum(np.abs((q01 + q99) / 2.0), grid_steps * (q99 - q01) / _BINS)
+    return np.maximum(np.abs((q01 + q99) / 2.0), grid_steps * (q99 - q01) / _BIN_WIDTHS)
 
 
 # ------------------------------------------------------------------------------------------------- error
@@ -158,10 +152,8 @@ def mean_correlation(r) -> float:
 
 
 def gripper_open(values, convention: str) -> np.ndarray:
-    """True where the gripper value means "open" under `convention`: its openness (see GRIPPER_CONVENTIONS) > 0.5."""
-    if convention not in GRIPPER_CONVENTIONS:
-        raise VlaBenchError(f"unknown gripper convention {convention!r}; choices: {choices(GRIPPER_CONVENTIONS)}")
-    return GRIPPER_CONVENTIONS[convention](np.asarray(values, dtype=np.float64)) > 0.5
+    """True where the gripper value means "open" under `convention` (vla_bench.gripper.is_open)."""
+    return is_open(values, convention)
 
 
 def gripper_matches(pred_gripper, gt_gripper, pred_convention: str, gt_convention: str) -> np.ndarray:

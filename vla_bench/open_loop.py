@@ -1,5 +1,9 @@
 """The open-loop proxy evaluation engine: recorded frames -> policy -> predicted actions -> proxy figures.
 
+An open-loop suite's record (vla_bench/suites.py) names its data source; `open_loop_source` reads it from the
+suite's [datasets.SUITE] table in checkpoints.toml (or --vla-data SUITE=PATH). The metrics themselves are pure
+functions in vla_bench/metrics/action_metrics.py; the store of their figures is vla_bench/results.py.
+
     source = bridge_source(root, split="val")            # or libero_source([... *.hdf5])
     result = evaluate_open_loop(policy, source)           # OpenLoopResult
     result.figures["sign_accuracy"].value, .interval, .passed
@@ -24,59 +28,37 @@ policy with history still sees each episode in order); `reset(slot, seed + episo
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .data.bridge import BRIDGE_ACTION_STATS, BRIDGE_GRIPPER_CONVENTION, DEFAULT_GROUND_TRUTH, bridge_episodes
-from .data.libero_hdf5 import LIBERO_GRIPPER_CONVENTION, libero_episodes
+from .data.bridge import BRIDGE_ACTION_STATS, DEFAULT_GROUND_TRUTH, bridge_episodes
+from .data.libero_hdf5 import libero_episodes
 from .errors import VlaBenchError, choices
-from .metrics import proxy as m
+from .gripper import OPEN_IS_1, OPEN_IS_MINUS_1
+from .metrics import action_metrics as m
 from .policies.replay import GROUND_TRUTH_KEY
+from .suites import OPEN_LOOP, get_suite
+from .thresholds import Threshold
 
 
 # ------------------------------------------------------------------------------------------------ thresholds
-
-
-@dataclasses.dataclass(frozen=True)
-class Threshold:
-    """A figure passes when it is above `minimum` (strictly, unless `inclusive`). `warn_above` marks a ceiling
-    that is suspicious rather than failing (e.g. a model scoring better than any published one on held-out data:
-    check for train-split leakage)."""
-
-    minimum: float
-    inclusive: bool = False
-    warn_above: float | None = None
-
-    def passes(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        return value >= self.minimum if self.inclusive else value > self.minimum
-
-    def warning(self, value: float) -> str | None:
-        if self.warn_above is not None and math.isfinite(value) and value > self.warn_above:
-            return f"{value:.3f} is above {self.warn_above:.2f}, the top of the expected range"
-        return None
-
-    def describe(self) -> str:
-        text = f"{'>=' if self.inclusive else '>'} {self.minimum:.2f}"
-        return text + (f" (expected <= {self.warn_above:.2f})" if self.warn_above is not None else "")
 
 
 #: The ONE home of the proxy thresholds. Defaults come from a published open-loop validation of OpenVLA on Bridge V2
 #: (issue 4); a checkpoints.toml entry overrides them per metric through `resolve_thresholds`.
 DEFAULT_THRESHOLDS: dict[str, Threshold] = {
     # direction right on more than 55% of (frame, dim) pairs where the ground truth moves (chance is 50%)
-    "sign_accuracy": Threshold(0.55),
+    "sign_accuracy": Threshold(0.55, inclusive=False),
     # mean per-dim Pearson r over dims 0-5: a faithful model tracks the ground truth at least weakly
-    "correlation": Threshold(0.10),
+    "correlation": Threshold(0.10, inclusive=False),
     # open/closed right on more than 60% of frames (about 58% of Bridge frames are "open": a constant guess
     # sits near that base rate)
-    "gripper_accuracy": Threshold(0.60),
+    "gripper_accuracy": Threshold(0.60, inclusive=False),
     # more than 80% of frames get a distinct action: well below means the model collapsed onto a few outputs
-    "diversity": Threshold(0.80),
+    "diversity": Threshold(0.80, inclusive=False),
     # the published validation saw 50-80% of episodes pass the success proxy. Below 50% fails; above 80% is
     # flagged, not failed, because the replay control (100%) must pass every check
     "success_proxy_rate": Threshold(0.50, inclusive=True, warn_above=0.80),
@@ -130,7 +112,7 @@ def bridge_action_space() -> ActionSpace:
     """Bridge with OpenVLA's bridge_orig statistics; dead zone max(|(q01+q99)/2|, 2 bins) per dim."""
     s = BRIDGE_ACTION_STATS
     return ActionSpace("bridge", s["q01"], s["q99"], s["mask"], m.dead_zone_from_stats(s["q01"], s["q99"]),
-                       BRIDGE_GRIPPER_CONVENTION, BRIDGE_GRIPPER_CONVENTION, ("m",) * 3 + ("rad",) * 3 + ("open=1",))
+                       OPEN_IS_1, OPEN_IS_1, ("m",) * 3 + ("rad",) * 3 + ("open=1",))
 
 
 def libero_action_space(gt_actions: np.ndarray) -> ActionSpace:
@@ -140,8 +122,8 @@ def libero_action_space(gt_actions: np.ndarray) -> ActionSpace:
     q01, q99 = np.quantile(actions, 0.01, axis=0), np.quantile(actions, 0.99, axis=0)
     q01[6], q99[6] = -1.0, 1.0
     mask = np.array([True] * 6 + [False])
-    return ActionSpace("libero", q01, q99, mask, m.dead_zone_from_stats(q01, q99), LIBERO_GRIPPER_CONVENTION,
-                       LIBERO_GRIPPER_CONVENTION, ("osc",) * 6 + ("open=-1",))
+    return ActionSpace("libero", q01, q99, mask, m.dead_zone_from_stats(q01, q99), OPEN_IS_MINUS_1,
+                       OPEN_IS_MINUS_1, ("osc",) * 6 + ("open=-1",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +153,23 @@ def libero_source(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     def episodes(images: bool) -> Iterator[dict]:
         return libero_episodes(listed, images=images, max_episodes=max_episodes)
     return OpenLoopSource(f"libero:{','.join(map(str, listed))}", episodes, libero_action_space)
+
+
+def open_loop_source(suite: str, dataset: dict) -> OpenLoopSource:
+    """The episodes of an open-loop suite, read by its record's data source from the [datasets.SUITE] table."""
+    data_source = get_suite(suite, OPEN_LOOP).data_source
+    path = Path(dataset["path"])
+    if not path.exists():
+        raise VlaBenchError(f"dataset of {suite} not found at {path}: set [datasets.{suite}] path in "
+                            f"checkpoints.toml or pass --vla-data {suite}=PATH")
+    max_episodes = dataset.get("max_episodes")
+    if data_source == "bridge_rlds":
+        return bridge_source(path, dataset.get("split", "val"), ground_truth=dataset.get("ground_truth", "openvla"),
+                             max_episodes=max_episodes)
+    files = sorted(path.glob("*.hdf5")) if path.is_dir() else [path]  # "libero_hdf5"
+    if not files:
+        raise VlaBenchError(f"{path}: no *.hdf5 demonstration files (vla-bench collect writes them)")
+    return libero_source(files, max_episodes=max_episodes)
 
 
 # ------------------------------------------------------------------------------------------------ prediction
@@ -293,7 +292,7 @@ def _ratio_figure(name, numerators, denominators, definition, n_frames, boot, th
 def score_predictions(predictions: Sequence[EpisodePrediction], space: ActionSpace, *,
                       thresholds: Mapping[str, Threshold] | None = None, n_resamples: int = 2000, seed: int = 0,
                       success_threshold: float = SUCCESS_SCORE_THRESHOLD) -> dict[str, ProxyFigure]:
-    """Every proxy figure of `predictions` (definitions in vla_bench.metrics.proxy; each figure's `definition`
+    """Every proxy figure of `predictions` (definitions in vla_bench.metrics.action_metrics; each figure's `definition`
     says how it is pooled). Pooled figures weigh episodes by their frames; intervals resample episodes."""
     thresholds = dict(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     if not predictions:
@@ -320,7 +319,8 @@ def score_predictions(predictions: Sequence[EpisodePrediction], space: ActionSpa
     cx, cy = all_pred[0, move], all_gt[0, move]  # a common centre taken from the data (see correlation_moments)
     moments = np.stack([m.correlation_moments(p[:, move], g[:, move], cx, cy) for p, g in zip(preds, gts)])
     r = m.pearson_from_moments(moments.sum(0))
-    per_episode_r = np.array([m.mean_correlation(m.pearson_per_dim(p[:, move], g[:, move])) for p, g in zip(preds, gts)])
+    per_episode_r = np.array([m.mean_correlation(m.pearson_per_dim(p[:, move], g[:, move]))
+                              for p, g in zip(preds, gts)])
     figures["correlation"] = ProxyFigure(
         "correlation", m.mean_correlation(r),
         m.bootstrap_interval(moments, lambda s: np.nan_to_num(m.pearson_from_moments(s), nan=0.0).mean(-1), **boot),

@@ -8,6 +8,13 @@ from pathlib import Path
 
 import pytest
 
+# Some tests import LIBERO (robosuite, which loads numba's LLVM) in this process, others torch's compiler stack;
+# triton imported after robosuite segfaults in the reference stack (see envs/libero.py), so it is imported first.
+try:
+    import triton  # noqa: F401
+except ImportError:  # no triton wheel for this platform: nothing to order
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 #: the real Bridge V2 debug shard (25 episodes, MIT; see its README.md), kept in the repo so no test needs ../shared
 BRIDGE_DEBUG = REPO / "tests" / "data" / "bridge_debug"

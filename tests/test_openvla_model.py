@@ -162,6 +162,11 @@ def test_static_cache_and_eager_attention_agree_with_the_default_path(snapshot):
     assert torch.equal(ref, eager)
 
 
+#: the fused serving path sums float32 logits (up to ~15 in size) in another order than the plain path: measured
+#: up to 2.1e-4 apart on torch 2.14's CPU kernels (1e-4 held on earlier versions); the tokens must stay identical
+LOGIT_ATOL = 5e-4
+
+
 def test_fast_generator_equals_the_plain_path_across_calls(snapshot):
     """The serving path (static cache reused across calls and batch sizes) gives the plain path's tokens and
     logits on every call, so state left over from one call never reaches the next."""
@@ -172,7 +177,7 @@ def test_fast_generator_equals_the_plain_path_across_calls(snapshot):
         prompts = prompts[::-1]
         ref, ref_logits = model.generate(pv, prompts, return_logits=True)
         ids, logits = fast.generate(pv, prompts, return_logits=True)
-        assert torch.equal(ids, ref) and torch.allclose(logits, ref_logits, atol=1e-4)
+        assert torch.equal(ids, ref) and torch.allclose(logits, ref_logits, atol=LOGIT_ATOL)
 
 
 def test_fast_generator_right_padding_matches_left_padding(snapshot):
@@ -196,7 +201,7 @@ def test_fast_generator_right_padding_matches_left_padding(snapshot):
                 ref, ref_logits = model.generate(pv[: len(rows)], rows, max_new_tokens=new, return_logits=True)
                 ids, logits = fast.generate(pv[: len(rows)], rows, max_new_tokens=new, return_logits=True)
                 assert ids.shape == (len(rows), new)
-                assert torch.equal(ids, ref) and torch.allclose(logits, ref_logits, atol=1e-4)
+                assert torch.equal(ids, ref) and torch.allclose(logits, ref_logits, atol=LOGIT_ATOL)
         assert model.language_model.config._attn_implementation == "eager"
     finally:
         model.set_attn_implementation("sdpa")

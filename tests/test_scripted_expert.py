@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from vla_bench.errors import VlaBenchError
-from vla_bench.policies import scripted
-from vla_bench.policies.scripted import (
-    R_DOWN, _PickPlace, ScriptedExpert, axis_angle, choose_grasp, choose_yaw, gripper_clearance, hand_yaw, rot_z, wrap,
-    yaw_for_axis,
+from vla_bench.policies import expert_geometry, expert_phases, scripted
+from vla_bench.policies.expert_geometry import (
+    R_DOWN, axis_angle, choose_grasp, choose_yaw, gripper_clearance, hand_yaw, rot_z, wrap, yaw_for_axis,
 )
+from vla_bench.policies.expert_phases import _PickPlace
+from vla_bench.policies.scripted import ScriptedExpert
 
 ROBOT_BASE = np.array([-0.66, 0.0, 0.912])
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +109,7 @@ def test_synthetic_quaternions_round_trip():
     for yaw in np.linspace(-3, 3, 7):
         R = rot_z(yaw) @ R_DOWN
         w, x, y, z = _mat_to_wxyz(R)
-        assert np.allclose(scripted.quat_xyzw_to_mat([x, y, z, w]), R, atol=1e-9)
+        assert np.allclose(expert_geometry.quat_xyzw_to_mat([x, y, z, w]), R, atol=1e-9)
 
 
 # ---- rotations ------------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_choose_yaw_keeps_joint7_inside_its_limit_for_a_far_left_target():
     for axis_yaw in (-math.pi / 2 + 0.2, math.pi / 2 + 0.2):
         yaw = choose_yaw(axis_yaw, 0.0, q7=2.3, base_xy=ROBOT_BASE[:2], eef_xy=eef, target_xy=target)
         q7_pred = 2.3 + b - wrap(yaw - 0.0)
-        assert abs(q7_pred) < scripted.Q7_LIMIT - 0.35
+        assert abs(q7_pred) < expert_geometry.Q7_LIMIT - 0.35
 
 
 # ---- grasp-side geometry --------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def test_phase_machine_goes_approach_descend_close_lift_on_a_cooperative_world()
 
     for _ in range(80):
         a = expert.act([ideal()], ["pick"], [0])[0]
-        state["eef"] = state["eef"] + a[:3] / scripted.POS_GAIN
+        state["eef"] = state["eef"] + a[:3] / expert_phases.POS_GAIN
         if expert.phase(0) == "close":
             break
     assert expert.phase(0) == "close"
@@ -401,12 +402,12 @@ errors = st.floats(0.0, 0.5, allow_nan=False)
 def test_funnel_approach_height_grows_with_the_error_from_the_grasp_point_to_hover(a, b):
     """Under "funnel" the approach height is 0 at the grasp point, HOVER from FUNNEL_GRASP_XY on, never decreasing in
     the horizontal error and Lipschitz in it (nearby states ask for nearby heights); under "gated" it is HOVER."""
-    h = scripted.approach_height
-    assert h(0.0, True) == 0.0 and h(scripted.FUNNEL_GRASP_XY, True) == pytest.approx(scripted.HOVER)
+    h = expert_phases.approach_height
+    assert h(0.0, True) == 0.0 and h(expert_phases.FUNNEL_GRASP_XY, True) == pytest.approx(expert_phases.HOVER)
     lo, hi = sorted((a, b))
-    assert h(lo, True) <= h(hi, True) <= scripted.HOVER
-    assert h(hi, True) - h(lo, True) <= scripted.HOVER / scripted.FUNNEL_GRASP_XY * (hi - lo) + 1e-12
-    assert h(a, False) == scripted.HOVER
+    assert h(lo, True) <= h(hi, True) <= expert_phases.HOVER
+    assert h(hi, True) - h(lo, True) <= expert_phases.HOVER / expert_phases.FUNNEL_GRASP_XY * (hi - lo) + 1e-12
+    assert h(a, False) == expert_phases.HOVER
 
 
 @given(a=errors, b=errors, floor=st.floats(0.8, 1.0), lift=st.floats(0.02, 0.3))
@@ -415,9 +416,9 @@ def test_funnel_carry_height_descends_with_the_error_to_just_above_the_floor(a, 
     the floor (PLACE_CLEARANCE) at 0 error, and never decreasing in the error; under "gated" it is the carry
     height."""
     carry = floor + lift
-    c = scripted.carry_height
-    assert c(carry, floor, 0.0, True) == pytest.approx(floor + scripted.PLACE_CLEARANCE)
-    assert c(carry, floor, scripted.FUNNEL_PLACE_XY, True) == pytest.approx(carry)
+    c = expert_phases.carry_height
+    assert c(carry, floor, 0.0, True) == pytest.approx(floor + expert_phases.PLACE_CLEARANCE)
+    assert c(carry, floor, expert_phases.FUNNEL_PLACE_XY, True) == pytest.approx(carry)
     lo, hi = sorted((a, b))
     assert c(carry, floor, lo, True) <= c(carry, floor, hi, True) + 1e-12
     assert c(carry, floor, a, False) == carry
@@ -443,7 +444,7 @@ def _approach_on_an_ideal_arm(motion, blocked_above=None):
     trace = []
     for _ in range(120):
         a = expert.act([obs_at(eef, scene, yaw=yaw)], ["pick"], [0])[0]
-        eef = eef + a[:3] / scripted.POS_GAIN
+        eef = eef + a[:3] / expert_phases.POS_GAIN
         if blocked_above is not None:
             eef[2] = max(eef[2], grasp_point[2] + blocked_above)
         trace.append((expert.phase(0), float(np.linalg.norm(eef[:2] - grasp_point[:2])),
@@ -460,7 +461,7 @@ def test_funnel_never_holds_a_height_over_the_grasp_point_where_gated_does():
     assert gated[-1][0] == funnel[-1][0] == "close"
     assert funnel[-1][1] < 0.006 and abs(funnel[-1][2]) < 0.006
     over = [z for _, xy, z in gated if xy < 0.006]
-    assert any(a == pytest.approx(b) and a > 0.8 * scripted.HOVER for a, b in zip(over, over[1:]))
+    assert any(a == pytest.approx(b) and a > 0.8 * expert_phases.HOVER for a, b in zip(over, over[1:]))
     over = [z for _, xy, z in funnel if xy < 0.006]
     assert all(b < a - 1e-6 for a, b in zip(over, over[1:]) if a > 0.006)
 
@@ -469,7 +470,7 @@ def test_funnel_never_holds_a_height_over_the_grasp_point_where_gated_does():
 def test_a_hand_stalled_over_the_grasp_point_still_closes_there(motion):
     """In the drawer and on the stove the hand stalls ~1 cm above the grasp point: the descent's timeout closes the
     gripper there (a grasp that holds) instead of giving up on the side, under either motion."""
-    stall = 0.01 if motion != "decisive" else scripted.CLOSE_WITHIN[True] + 0.005  # above "decisive"'s own band
+    stall = 0.01 if motion != "decisive" else expert_phases.CLOSE_WITHIN[True] + 0.005  # above "decisive"'s own band
     trace = _approach_on_an_ideal_arm(motion, blocked_above=stall)
     phases = [phase for phase, _, _ in trace]
     assert phases[-1] == "close" and "plan" not in phases
@@ -484,18 +485,18 @@ def _distance_when_the_gripper_closes(motion, follow=0.3):
     scene, expert, eef, yaw, grasp_point = _planned_pick(motion)
     for _ in range(300):
         a = expert.act([obs_at(eef, scene, yaw=yaw)], ["pick"], [0])[0]
-        if a[6] == scripted.CLOSE:
+        if a[6] == expert_phases.CLOSE:
             return float(np.linalg.norm(eef - grasp_point))
-        eef = eef + follow * a[:3] / scripted.POS_GAIN
+        eef = eef + follow * a[:3] / expert_phases.POS_GAIN
     raise AssertionError(f"{motion}: the gripper never closed")
 
 
 def test_decisive_closes_while_still_descending_where_the_others_wait_for_millimetres():
     """"decisive" commands the gripper closed 6-15 mm from the grasp point (the fingers are slower than the hand);
     gated and funnel wait until the hand is within 6 mm, after a decelerating approach of near-still frames."""
-    assert 0.006 <= _distance_when_the_gripper_closes("decisive") < scripted.CLOSE_WITHIN[True]
+    assert 0.006 <= _distance_when_the_gripper_closes("decisive") < expert_phases.CLOSE_WITHIN[True]
     for motion in ("gated", "funnel"):
-        assert _distance_when_the_gripper_closes(motion) < scripted.CLOSE_WITHIN[False]
+        assert _distance_when_the_gripper_closes(motion) < expert_phases.CLOSE_WITHIN[False]
 
 
 def _lowering_step(motion, bottom_above_rest, width=0.01):
@@ -523,9 +524,9 @@ def _lowering_step(motion, bottom_above_rest, width=0.01):
 def test_the_gripper_opens_within_the_release_height_and_not_above_it(motion):
     """Every motion lowers a held object until its bottom is RELEASE_ABOVE over where it will rest, then opens:
     3 cm for "decisive" (a short drop, reached at speed), 1.2 cm otherwise."""
-    above = scripted.RELEASE_ABOVE[motion == "decisive"]
+    above = expert_phases.RELEASE_ABOVE[motion == "decisive"]
     assert _lowering_step(motion, above - 0.004)[0] == "release"
-    assert _lowering_step(motion, above + 0.006) == ("lower", scripted.CLOSE)
+    assert _lowering_step(motion, above + 0.006) == ("lower", expert_phases.CLOSE)
 
 
 def test_motion_option_is_validated_and_changes_the_identity():

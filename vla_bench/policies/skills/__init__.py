@@ -1,8 +1,8 @@
-"""Skills of the scripted expert beyond pick-and-place and knobs (vla_bench/policies/scripted.py), one module each.
+"""Skills of the scripted expert beyond pick-and-place and knobs (policies/expert_phases.py), one module each.
 
 A skill is a small state machine with `step(obs, view) -> action or None` (None: done) and a `phase` string; the
 expert's plan (scripted.plan_tasks) asks `skills_for(predicate, view, episode)` for the skills of each goal predicate
-that scripted.py itself does not handle.
+that the built-in phase machines do not handle.
 """
 from __future__ import annotations
 

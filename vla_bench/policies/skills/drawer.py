@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..scripted import (CLOSE, OPEN, POS_GAIN, R_DOWN, ROT_GAIN, _View, axis_angle, choose_yaw, hand_clearance, hand_yaw,
-                        move_action, quat_xyzw_to_mat, rot_z, world_aabbs, yaw_for_axis)
+from ..expert_geometry import (R_DOWN, axis_angle, choose_yaw, hand_clearance, hand_yaw, quat_xyzw_to_mat, rot_z,
+                               world_aabbs, yaw_for_axis)
+from ..expert_phases import CLOSE, OPEN, POS_GAIN, ROT_GAIN, move_action
+from ..scripted import _View
 
 HAND_REACH = 0.105  # how far the hand reaches along its finger axis from the grip site (m)
 PREGRASP = 0.10  # the hand waits this far in front of the handle before going in (m)

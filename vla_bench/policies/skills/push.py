@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..scripted import (BODY_GRASP_WIDTH, CLOSE, _View, choose_yaw, hand_yaw, move_action, quat_xyzw_to_mat,
-                        yaw_for_axis)
+from ..expert_geometry import BODY_GRASP_WIDTH, choose_yaw, hand_yaw, quat_xyzw_to_mat, yaw_for_axis
+from ..expert_phases import CLOSE, move_action
+from ..scripted import _View
 
 FLAT_HEIGHT = 0.03  # objects at most this tall (m), and wider than the fingers, are pushed, not picked
 ON_TABLE = 0.02  # a region site within this height of the object's bottom lies on the same surface (m)

@@ -16,7 +16,7 @@ except ImportError:  # no triton wheel for this platform: nothing to order
     pass
 
 REPO = Path(__file__).resolve().parents[1]
-#: the real Bridge V2 debug shard (25 episodes, MIT; see its README.md), kept in the repo so no test needs ../shared
+#: the real Bridge V2 debug shard (25 episodes, MIT; see its README.md), kept in the repo so a clone needs nothing beside it
 BRIDGE_DEBUG = REPO / "tests" / "data" / "bridge_debug"
 
 

@@ -233,3 +233,33 @@ def test_families_share_one_unperturbed_run_per_task(tmp_path, checkpoints_file,
     assert session.robustness_results == [lan, swap]
     with pytest.raises(VlaBenchError, match="not a robustness suite"):
         session.evaluate_robustness(registry.get("a"), "libero_goal", 0)
+
+
+def test_strict_sim_fails_a_robustness_case_whose_unperturbed_scenes_moved():
+    """--vla-strict-sim holds for robustness cases too: a moved scene in the unperturbed twin fails the case, and
+    without the option the case returns its result."""
+    from types import SimpleNamespace
+
+    from vla_bench import plugin
+    from vla_bench.evaluate import TaskResult
+
+    def task(suite, mismatches=()):
+        return TaskResult("a", suite, 0, 1, 1, 0, 80.0, 1.0, Threshold.success_rate(0.5),
+                          scene_mismatches=list(mismatches), _outcomes={0: True})
+
+    result = SimpleNamespace(base=task("libero_spatial", ["init 0: akita_black_bowl_1 2.0 cm / 1.0 deg off"]),
+                             perturbed=task("libero_spatial_lan"),
+                             drop=SimpleNamespace(drop=0.0, low=-0.5, high=0.5, paired=False, pvalue=1.0))
+    session = SimpleNamespace(registry=SimpleNamespace(get=lambda name: name),
+                              protocol=lambda suite: SimpleNamespace(episodes=1),
+                              evaluate_robustness=lambda spec, suite, task_index, progress_for: result)
+
+    def runner(strict: bool):
+        options = {"--vla-strict-sim": strict, "verbose": -1}
+        config = SimpleNamespace(stash={plugin._STATE: SimpleNamespace(session=session)}, getoption=options.get)
+        case = plugin.RobustnessCase("libero_spatial_lan", 0, "a")
+        return plugin.RobustnessTaskRunner(config, case, SimpleNamespace(user_properties=[]))
+
+    assert runner(strict=False).evaluate() is result
+    with pytest.raises(pytest.fail.Exception, match="akita_black_bowl_1 2.0 cm"):
+        runner(strict=True).evaluate()

@@ -371,9 +371,15 @@ class LiberoTaskRunner:
         except VlaBenchError as e:
             pytest.fail(str(e), pytrace=False)
         self._record_properties(result)
-        if result.scene_mismatches and self.config.getoption("--vla-strict-sim"):
-            pytest.fail(self.describe_scene_mismatch(result), pytrace=False)
+        self._fail_on_moved_scenes(result)
         return result
+
+    def _fail_on_moved_scenes(self, *results) -> None:
+        """--vla-strict-sim: a task whose episodes started from a scene unlike the reference stack's fails."""
+        if self.config.getoption("--vla-strict-sim"):
+            for result in results:
+                if result.scene_mismatches:
+                    pytest.fail(self.describe_scene_mismatch(result), pytrace=False)
 
     @staticmethod
     def describe_scene_mismatch(result) -> str:
@@ -440,6 +446,7 @@ class RobustnessTaskRunner(LiberoTaskRunner):
             for bar in bars:
                 bar.__exit__(None, None, None)
         self._record_properties(result.perturbed)
+        self._fail_on_moved_scenes(result.base, result.perturbed)
         d = result.drop
         self.node.user_properties.extend([("base_rate", round(result.base.rate, 4)), ("drop", round(d.drop, 4)),
                                           ("drop_low", round(d.low, 4)), ("drop_high", round(d.high, 4)),

@@ -37,7 +37,8 @@ there until the time ran out (the e2e proof's candidates, scripts/e2e_finetune.p
 
 Degraded options (for regression-gate tests): `fumble_probability` makes whole episodes, chosen from the episode
 seed, open the gripper during the lift and give up; `action_noise` adds seeded Gaussian noise to the arm dims.
-The notes behind these choices are in ../shared/reference/LIBERO.md (the probe expert's measurements).
+The measurements behind these choices (grasp sides, joint-7 limits, objects settling at reset) stand beside the
+constants in expert_geometry.py and expert_phases.py, and tests/test_scripted_expert.py checks them.
 
 This module is the kind (options, identity, build), the expert and its per-episode plan; the geometry lives in
 expert_geometry.py, the pick-and-place and turn-on phase machines in expert_phases.py, further skills in skills/.

@@ -7,8 +7,8 @@ scored on a scene it was never trained on. A fingerprint is the settled pose (po
 object and fixture body, for every suite, task and official init state, measured after `LiberoTaskEnv.reset`
 (seeded reset, init state, wait steps) on the reference stack (mujoco 2.3.7, robosuite 1.4.0). The package ships
 them (envs/scene_fingerprints.npz, made by tools/fixtures/make_scene_fingerprints.py); `vla-bench doctor` compares
-the running stack against all of them, and every evaluation episode checks its own scene (a handful of body poses,
-microseconds) so that every result row carries the verdict.
+the running stack against all of them, and every evaluation episode checks its own scene (a handful of body poses read
+after the reset, no extra simulation) so that every result row carries the verdict.
 
 Also here: a few reference agentview frames per suite (downscaled), so that a renderer that draws another floor or
 a moved camera is caught too.

@@ -54,7 +54,7 @@ class LiberoTaskEnv:
                              f"asked for {init_index}")
         self._reset_scene(seed)
         obs = self._wait(self.env.set_init_state(self.init_states[init_index]))
-        # a few body poses against the shipped fingerprint: microseconds, so every episode carries its verdict
+        # a few body poses against the shipped fingerprint, no extra simulation: every episode carries its verdict
         self.scene_check = scene_check(self, self.protocol, self.task_index, init_index)
         return obs
 

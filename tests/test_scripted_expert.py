@@ -294,7 +294,7 @@ def test_act_is_batched_over_slots_and_needs_the_scene():
     assert out.shape == (2, 7) and np.all(np.abs(out) <= 1.0)
     with pytest.raises(ValueError, match="scene"):
         expert.act([{"robot0_eef_pos": np.zeros(3)}], ["a"], [0])
-    assert expert.needs_privileged and not expert.needs_images
+    assert expert.capabilities.privileged and not expert.capabilities.images
 
 
 # ---- degraded options -----------------------------------------------------------------------------------------

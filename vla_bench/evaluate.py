@@ -15,6 +15,7 @@ from .envs.tasks import suite_tasks
 from .envs.vector import VectorLiberoEnv
 from .metrics.intervals import wilson_interval
 from .policies.base import Policy
+from .policies.capabilities import capabilities_of
 from .protocol import Protocol
 from .registry import CheckpointSpec
 from .results import EpisodeRecord, ResultsStore, library_versions
@@ -138,18 +139,19 @@ def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol:
 
     if todo and not (stop_when and stop_when(measured())):
         record_frames = settings.video != "none"
+        capabilities = capabilities_of(policy)
         # cameras cost ~0.2 s per step each on a CPU: render only what the policy or the video needs
-        cameras = tuple(getattr(policy, "cameras", ("agentview",))) if policy.needs_images else ()
+        cameras = capabilities.rendered_cameras
         if record_frames and "agentview" not in cameras:
             cameras += ("agentview",)
         # plus what the policy says identifies it beyond its identity string (a remote server's metadata)
         versions = {**library_versions(), **getattr(policy, "row_versions", {})}
         device = settings.device or device_description(policy)
         # cheap CPU policies (scripted expert, controls) run whole episodes inside the workers
-        in_workers = bool(getattr(policy, "runs_in_worker", False))
+        in_workers = capabilities.in_worker
         with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
-                             policy.needs_privileged, local_policy=policy if in_workers else None,
-                             observation_transform=getattr(policy, "observation_transform", None)) as env:
+                             capabilities.privileged, local_policy=policy if in_workers else None,
+                             observation_transform=capabilities.frame_transform) as env:
             def on_done(outcome: EpisodeOutcome) -> bool:
                 video = None
                 if outcome.frames and wants_video(settings.video, outcome.success):

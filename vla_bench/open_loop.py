@@ -39,6 +39,7 @@ from .data.libero_hdf5 import libero_episodes
 from .errors import VlaBenchError, choices
 from .gripper import OPEN_IS_1, OPEN_IS_MINUS_1
 from .metrics import action_metrics as m
+from .policies.capabilities import capabilities_of
 from .policies.replay import GROUND_TRUTH_KEY
 from .suites import OPEN_LOOP, get_suite
 from .thresholds import Threshold
@@ -187,11 +188,12 @@ class EpisodePrediction:
 def _observation(episode: Mapping, t: int, policy) -> dict:
     obs = {"state": episode["state"][t] if len(episode["state"]) else np.zeros(0, np.float32),
            "episode_id": episode["episode_id"], "step": t}
-    if getattr(policy, "needs_images", True):
+    capabilities = capabilities_of(policy)
+    if capabilities.images:
         for key in ("image", "wrist_image"):
             if key in episode:
                 obs[key] = episode[key][t]
-    if getattr(policy, "needs_privileged", False):
+    if capabilities.ground_truth:
         obs[GROUND_TRUTH_KEY] = episode["action"][t]
     return obs
 
@@ -394,7 +396,7 @@ def evaluate_open_loop(policy, source: OpenLoopSource, *, batch_size: int = 8, s
                        thresholds: Mapping[str, Threshold] | None = None, n_resamples: int = 2000,
                        success_threshold: float = SUCCESS_SCORE_THRESHOLD) -> OpenLoopResult:
     """Predict every frame of `source` with `policy` and score it: the one call the suite and the CLI make."""
-    images = bool(getattr(policy, "needs_images", True))
+    images = capabilities_of(policy).images
     predictions = predict_episodes(policy, source.episodes(images), batch_size=batch_size, seed=seed)
     if not predictions:
         raise VlaBenchError(f"{source.description}: no labeled episodes to evaluate")

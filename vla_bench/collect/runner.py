@@ -26,6 +26,7 @@ import numpy as np
 from ..data.libero_hdf5 import append_libero_demo
 from ..envs.rendering import private_workdir
 from ..errors import VlaBenchError, choices
+from ..policies.capabilities import capabilities_of
 from ..protocol import Protocol, reference_protocol
 from ..suites import CLOSED_LOOP, get_suite
 from .episode import CAMERAS, DEFAULT_CAMERAS, DemoEnv, record_episode
@@ -99,7 +100,7 @@ def _worker(conn, protocol: Protocol, cameras: tuple, policy, tasks: dict, actio
                     if env is not None:
                         env.close()
                     env, env_task = None, None
-                    env = DemoEnv(protocol, task_index, cameras, getattr(policy, "needs_privileged", False))
+                    env = DemoEnv(protocol, task_index, cameras, capabilities_of(policy).privileged)
                     env_task = task_index
                 result = record_episode(env, policy, tasks[task_index], seed, protocol.max_steps, action_noise)
                 conn.send(("done", task_index, attempt, result))
@@ -309,7 +310,7 @@ def _build_expert(suite: str, name: str, checkpoints_file):
 
     registry = Registry.load(checkpoints_file)
     policy = build_policy(registry.get(name), BuildContext(registry, suite, ModelCache()))
-    if getattr(policy, "needs_images", False):
+    if capabilities_of(policy).images:
         raise VlaBenchError(f"checkpoint {name!r} needs camera images to act; collect runs experts that read the "
                             "simulator state only (kind = \"scripted\")")
     return policy

@@ -1,6 +1,6 @@
 """Privileged scene facts for policies that read the simulator (the scripted expert): `describe_scene(env)`.
 
-The env worker calls this on every step when a policy has `needs_privileged = True` and puts the result in
+The env worker calls this on every step when a policy's capabilities say `privileged` and puts the result in
 obs["scene"]. The result crosses a process pipe, so it holds only plain Python and NumPy data. It has two parts:
 
 - a static part that depends only on the MuJoCo model (which geoms belong to which object, their local extents,

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import gripper
 from ..errors import VlaBenchError, choices
+from ..policies.capabilities import Capabilities
 from ..policies.repeat import ActionRepeater
 from ..suites import Suite, get_suite
 from . import action_tokenizer, image, normalization
@@ -50,8 +51,6 @@ class Inference:
 
 
 class OpenVLAPolicy:
-    needs_images = True
-    needs_privileged = False
 
     def __init__(self, base, suite: str, adapter: str | None = None, unnorm_key: str | None = None,
                  center_crop: bool | None = None, prompt: str = "openvla", norm_stats: dict | None = None,
@@ -69,6 +68,8 @@ class OpenVLAPolicy:
         # env workers run the image chain on their own frames, in parallel (policies/base.py)
         self.observation_transform = image.FrameChain(self.suite.image_key, self.suite.flip,
                                                       self.center_crop, base.model.arch.image_size)
+        self.capabilities = Capabilities(images=True, frame_transform=self.observation_transform,
+                                         chunk_length=self.action_repeat)
 
     @property
     def device(self):

@@ -6,6 +6,7 @@ import typing
 
 from .base import Policy
 from .cache import ModelCache
+from .capabilities import Capabilities, capabilities_of
 from .kinds import family_module
 
 if typing.TYPE_CHECKING:
@@ -23,7 +24,8 @@ def build_policy(spec: "CheckpointSpec", context: BuildContext) -> Policy:
     policy = family_module(spec.kind).build(spec, context)
     if not isinstance(policy, Policy):
         raise TypeError(f"kind {spec.kind!r} built {type(policy).__name__}, which is not a Policy")
+    capabilities_of(policy, spec.where())  # a wrong record is named now, not mid-run
     return policy
 
 
-__all__ = ["BuildContext", "ModelCache", "Policy", "build_policy"]
+__all__ = ["BuildContext", "Capabilities", "ModelCache", "Policy", "build_policy", "capabilities_of"]

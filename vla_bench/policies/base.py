@@ -16,16 +16,11 @@ import numpy as np
 
 @runtime_checkable
 class Policy(Protocol):
-    #: camera observations are rendered only when True (rendering costs ~0.2 s/step/camera on a CPU)
-    needs_images: bool
-    #: privileged simulator facts (obs["scene"]: collision geoms, robot base, goal) are added only when True
-    needs_privileged: bool
-    # Optional: `runs_in_worker = True` says the policy is cheap, CPU-only and picklable, so each env worker gets
-    # its own copy and runs whole episodes (no lockstep batching); models on a GPU leave it unset.
-    # Optional: `observation_transform`, a picklable callable obs -> obs that every env worker applies to its
-    # observations before sending them (per-frame preprocessing then runs in parallel across workers, not serially
-    # in the policy's process). It must not import timm/torchvision (they segfault after robosuite), and the
-    # policy must still accept untransformed observations (open-loop suites read frames from files).
+    # What the policy needs from the environment (images and which cameras, privileged state, ground truth), whether
+    # it runs inside the env workers, its frame transform, action size and chunk length: the attribute
+    # `capabilities`, a policies.capabilities.Capabilities record, read through `capabilities_of` (one home of the
+    # defaults; the older attributes needs_images / needs_privileged / runs_in_worker / observation_transform are
+    # translated there).
 
     def reset(self, slot: int, seed: int) -> None:
         """A new episode starts in env slot `slot`; `seed` makes any randomness of the policy reproducible."""

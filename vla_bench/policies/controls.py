@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .capabilities import Capabilities
 from .identity import hash_files
 
 KEYS: dict = {}
@@ -16,9 +17,7 @@ class NoopPolicy:
     """Zero motion, gripper -1: LIBERO's "open". In an open-loop Bridge suite the same -1 reads as "closed"
     (Bridge's gripper is 1 = open), so there it is a constant-closed control rather than a constant-open one."""
 
-    needs_images = False
-    needs_privileged = False
-    runs_in_worker = True  # cheap and CPU-only: each env worker runs whole episodes with its own copy
+    capabilities = Capabilities(in_worker=True)  # cheap and CPU-only: each env worker runs whole episodes
 
     def reset(self, slot: int, seed: int) -> None:
         pass
@@ -32,9 +31,7 @@ class NoopPolicy:
 class RandomPolicy:
     """Uniform in [-1, 1] on every dim; per-slot generators seeded by the episode seed, so runs reproduce."""
 
-    needs_images = False
-    needs_privileged = False
-    runs_in_worker = True  # cheap and CPU-only: each env worker runs whole episodes with its own copy
+    capabilities = Capabilities(in_worker=True)  # cheap and CPU-only: each env worker runs whole episodes
 
     def __init__(self) -> None:
         self.rngs: dict[int, np.random.Generator] = {}

@@ -32,6 +32,7 @@ from ..errors import VlaBenchError, choices
 from ..serve.client import PROTOCOLS, CONNECTIONS, Connection, Reliability, RemoteError
 from ..serve.mapping import GRIPPERS, MAPPING_KEYS, ActionMapping, ObservationMapping, observation_mapping
 from .base import SlotErrors
+from .capabilities import Capabilities
 from .repeat import ActionRepeater, check_replan_steps
 
 KEYS = {"url": str, "protocol": str, "observation": str, **MAPPING_KEYS, "gripper": str, "binarize_gripper": bool,
@@ -158,8 +159,6 @@ class ConnectionPool:
 
 
 class RemotePolicy:
-    needs_images = True
-    needs_privileged = False
 
     def __init__(self, pool: ConnectionPool, mapping: ObservationMapping, actions: ActionMapping,
                  replan_steps: int | None = None, metadata: dict | None = None):
@@ -169,6 +168,8 @@ class RemotePolicy:
         self.cameras = mapping.cameras()  # rendered by the env workers (the wrist camera only when sent)
         self.observation_transform = mapping  # the env workers flip and resize the frames they send
         self.repeater = ActionRepeater(1, replan_steps)  # the execution rule of chunks, shared with in-process
+        self.capabilities = Capabilities(images=True, cameras=tuple(self.cameras), frame_transform=mapping,
+                                         chunk_length=replan_steps or 1)  # None: the server's H, unknown until it answers
         self._starting: dict[int, int] = {}  # slot -> seed of an episode the server has not been told of yet
         self.row_versions = {"server": {"url": pool.url, "protocol": pool.protocol, "metadata": metadata or {}}}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VlaBenchError
+from .capabilities import Capabilities
 from .identity import hash_files
 
 KEYS: dict = {}
@@ -22,8 +23,7 @@ GROUND_TRUTH_KEY = "ground_truth_action"
 
 
 class ReplayPolicy:
-    needs_images = False
-    needs_privileged = True
+    capabilities = Capabilities(ground_truth=True)
 
     def reset(self, slot: int, seed: int) -> None:
         pass  # stateless: the action depends on the frame only

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VlaBenchError
+from .capabilities import Capabilities
 from .expert_geometry import world_aabbs
 from .expert_phases import OPEN, _knob_joint, _PickPlace, _TurnOn, move_action
 from .identity import hash_files
@@ -130,9 +131,8 @@ class _View:
 
 # ---- the expert -----------------------------------------------------------------------------------------------
 class ScriptedExpert:
-    needs_images = False
-    needs_privileged = True
-    runs_in_worker = True  # CPU-only and picklable: each env worker runs whole episodes with its own copy
+    #: reads the simulator's privileged scene; CPU-only and picklable: each env worker runs whole episodes
+    capabilities = Capabilities(privileged=True, in_worker=True)
 
     def __init__(self, fumble_probability: float = 0.0, action_noise: float = 0.0, motion: str = DEFAULT_MOTION):
         if motion not in MOTIONS:
@@ -150,7 +150,7 @@ class ScriptedExpert:
         for k, (obs, slot) in enumerate(zip(observations, slots)):
             if "scene" not in obs:
                 raise ValueError("the scripted expert needs obs['scene'] (vla_bench.envs.scene.describe_scene); "
-                                 "the env side adds it when policy.needs_privileged is True")
+                                 "the env side adds it for capabilities.privileged")
             if slot not in self._episodes:
                 self.reset(slot, 0)
             actions[k] = self._episodes[slot].act(obs)

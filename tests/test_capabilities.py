@@ -23,7 +23,7 @@ def test_builtin_policies_declare_what_they_need(name, images, privileged, in_wo
 @pytest.mark.parametrize("fields, named", [
     (dict(images="yes"), "capabilities.images must be True or False"),
     (dict(cameras="agentview"), "capabilities.cameras must be a tuple"),
-    (dict(images=True, cameras=("agentview", "frontview")), "unknown camera(s) 'frontview'; valid: 'agentview'"),
+    (dict(images=True, cameras=("agentview", "frontview")), "unknown camera(s) frontview; valid: agentview, robot0_eye_in_hand"),
     (dict(images=True, cameras=()), "no camera is named"),
     (dict(frame_transform=42), "frame_transform must be callable"),
     (dict(action_size=0), "action_size must be an integer >= 1"),

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from vla_bench.envs.vector import SlotResult
+from vla_bench.engine.pool import Answer
 from vla_bench.errors import VlaBenchError
 from vla_bench.finetune.data import aggregate_steps, execution_rule
 from vla_bench.policies.repeat import ActionRepeater, replay, step_actions
@@ -219,7 +219,7 @@ class StaggeredEnv:
         for slot, (init_index, seed) in requests.items():
             self.current[slot], self.steps[slot] = init_index, 0
             self.executed[init_index] = []
-            out[slot] = SlotResult(self._obs(slot))
+            out[slot] = Answer(self._obs(slot))
         return out
 
     def step(self, actions):
@@ -228,7 +228,7 @@ class StaggeredEnv:
             i = self.current[slot]
             self.executed[i].append(np.asarray(action))
             self.steps[slot] += 1
-            out[slot] = SlotResult(self._obs(slot), done=self.steps[slot] >= self.length[i])
+            out[slot] = Answer(self._obs(slot), done=self.steps[slot] >= self.length[i])
         return out
 
 
@@ -246,7 +246,7 @@ def test_an_openvla_entry_replays_its_rule_in_the_rollout_engine(checkpoints_fil
     in a freed slot mid-window starts with a fresh prediction, and the identity records the rule."""
     from vla_bench.policies import BuildContext, ModelCache, build_policy
     from vla_bench.protocol import reference_protocol
-    from vla_bench.rollout import rollout_episodes
+    from tests.fake_pool import rollout_episodes
 
     text = ENTRY.replace('"snap"', json.dumps(str(tiny_snapshot))) + (
         f'\n[checkpoints.rep]\nkind = "openvla"\nsource = {json.dumps(str(tiny_snapshot))}\naction_repeat = 2\n'

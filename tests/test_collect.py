@@ -6,7 +6,6 @@ image test records a few steps at 64x64 through the same worker the collector us
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 
 import h5py
 import numpy as np
@@ -75,28 +74,24 @@ def test_collect_two_demos_reads_back_and_resumes(tmp_path):
 
 
 def test_worker_records_both_cameras(tmp_path):
-    """A few steps through the collector's own worker, with both cameras at 64x64: images are stored per step as
-    LIBERO stores them and come back through the readers."""
-    from vla_bench.collect.runner import _worker
+    """A few steps through the engine's worker pool as collect drives it, with both cameras at 64x64: images are
+    stored per step as LIBERO stores them and come back through the readers."""
+    from vla_bench.engine.episode import EpisodeRequest
+    from vla_bench.engine.pool import EnvSpec, WorkerPool
     from vla_bench.policies.scripted import ScriptedExpert
     from vla_bench.protocol import reference_protocol
     import dataclasses
 
     protocol = dataclasses.replace(reference_protocol(SUITE, max_steps=4), camera_size=64)
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_worker, args=(child, protocol, ("agentview", "robot0_eye_in_hand"),
-                                              ScriptedExpert(), {0: "the instruction"}), daemon=True)
-    proc.start()
-    child.close()
-    try:
-        parent.send(("run", 0, 0, 11))
-        assert parent.poll(180), "the worker gave no answer in 180 s"
-        kind, task, attempt, result = parent.recv()
-    finally:
-        parent.send(("close",))
-        proc.join(timeout=30)
-    assert kind == "done", result
+    with WorkerPool(1) as pool:
+        pool.keep(0, "expert", ScriptedExpert())
+        pool.submit(0, "episode", EnvSpec(protocol, 0, ("agentview", "robot0_eye_in_hand"), True), "expert", None,
+                    EpisodeRequest(None, 11, "the instruction", 4, demo=True))
+        answers = pool.wait(timeout=180)
+    assert answers, "the worker gave no answer in 180 s"
+    assert answers[0].error is None, answers[0].error
+    outcome = answers[0].episode
+    result = {"success": outcome.success, "episode": outcome.demo}
     episode = result["episode"]
     assert not result["success"] and len(episode["actions"]) == 4
     for name in ("agentview_rgb", "eye_in_hand_rgb"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import sim_env
-from vla_bench.envs.vector import VectorLiberoEnv
+from tests.fake_pool import PoolEnv
 from vla_bench.protocol import reference_protocol
 
 pytestmark = pytest.mark.sim
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.sim
 
 def test_simulator_exception_is_that_episodes_error_and_the_env_goes_on():
     protocol = reference_protocol("libero_spatial")
-    with VectorLiberoEnv(protocol, 0, 1) as env:
+    with PoolEnv(protocol, 0, 1) as env:
         assert env.reset({0: (0, 1)})[0].error is None
         bad = env.step({0: np.zeros(3)})[0]  # robosuite rejects a 3-dim action
         assert bad.obs is None and "action" in bad.error.lower()
@@ -34,7 +34,7 @@ def test_workers_prepare_the_policy_frame_in_parallel_and_it_equals_the_main_pro
 
     chain = FrameChain("agentview_image", flip=True, crop=True)
     protocol = reference_protocol("libero_spatial")
-    with VectorLiberoEnv(protocol, 0, 2, cameras=("agentview",), observation_transform=chain) as env:
+    with PoolEnv(protocol, 0, 2, cameras=("agentview",), transform=chain) as env:
         results = env.reset({0: (0, 1), 1: (1, 2)})
         results.update(env.step({0: np.zeros(7), 1: np.zeros(7)}))
     for result in results.values():
@@ -52,7 +52,7 @@ def test_an_episode_is_the_same_whatever_ran_before_it_in_the_process():
     NumPy's global RNG on every reset, and robosuite's soft reset keeps the gripper's integrated command). Task 5
     has the wooden cabinet, a fixture."""
     protocol = reference_protocol("libero_spatial")
-    with VectorLiberoEnv(protocol, 4, 2) as env:
+    with PoolEnv(protocol, 4, 2) as env:
         first = env.reset({0: (3, protocol.episode_seed(4, 3)), 1: (7, protocol.episode_seed(4, 7))})
         for _ in range(6):
             env.step({1: np.array([0.5, 0, -0.5, 0, 0, 0, 1.0])})
@@ -125,17 +125,24 @@ def test_episodes_run_inside_workers_match_the_lockstep_engine(project):
     lockstep engine on the same init states and seeds."""
     from vla_bench.policies import BuildContext, ModelCache, build_policy
     from vla_bench.registry import Registry
-    from vla_bench.rollout import rollout_episodes, rollout_in_workers
+    from vla_bench.engine.pool import WorkerPool
+    from vla_bench.engine.scheduler import run_episodes
+    from vla_bench.policies.capabilities import Capabilities
 
     registry = Registry.load(project.path / "checkpoints.toml")
     expert = build_policy(registry.get("expert"), BuildContext(registry, "libero_spatial", ModelCache()))
+
+    class Lockstep(type(expert)):  # the same expert, acting from this process in lockstep batches
+        capabilities = Capabilities(privileged=True)
+
+    lockstep = Lockstep(expert.fumble_probability, expert.action_noise, expert.motion)
     protocol = reference_protocol("libero_spatial")
     outcomes = {"lockstep": {}, "workers": {}}
-    with VectorLiberoEnv(protocol, 0, 2, privileged=True, local_policy=expert) as env:
+    with WorkerPool(2) as pool:
         instruction = "pick up the black bowl"
-        rollout_episodes(expert, env, protocol, 0, instruction, [3, 4],
-                         lambda o: outcomes["lockstep"].update({o.init_index: (o.success, o.steps, o.error)}))
-        rollout_in_workers(env, protocol, 0, instruction, [3, 4],
-                           lambda o: outcomes["workers"].update({o.init_index: (o.success, o.steps, o.error)}))
+        run_episodes(lockstep, pool, protocol, 0, instruction, [3, 4],
+                     lambda o: outcomes["lockstep"].update({o.init_index: (o.success, o.steps, o.error)}), groups=2)
+        run_episodes(expert, pool, protocol, 0, instruction, [3, 4],
+                     lambda o: outcomes["workers"].update({o.init_index: (o.success, o.steps, o.error)}))
     assert outcomes["workers"] == outcomes["lockstep"]
     assert all(success for success, _, _ in outcomes["workers"].values())

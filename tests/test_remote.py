@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 from conftest import REPO, sim_env
-from vla_bench.envs.vector import SlotResult
+from vla_bench.engine.pool import Answer
 from vla_bench.errors import VlaBenchError
 from vla_bench.policies import BuildContext, ModelCache, build_policy
 from vla_bench.policies.base import SlotErrors
 from vla_bench.policies.remote import RemoteIdentityWarning, _metadata
 from vla_bench.protocol import reference_protocol
 from vla_bench.registry import Registry
-from vla_bench.rollout import rollout_episodes
+from tests.fake_pool import FakePool, rollout_episodes
 from vla_bench.serve import codec
 from vla_bench.serve.client import OpenpiConnection, Reliability, RemoteError
 from vla_bench.serve.mapping import PRESETS
@@ -343,13 +343,13 @@ class FakeEnv:
         self.calls = 0
 
     def reset(self, requests):
-        return {slot: SlotResult(env_obs(seed)) for slot, (_, seed) in requests.items()}
+        return {slot: Answer(env_obs(seed)) for slot, (_, seed) in requests.items()}
 
     def step(self, actions):
         self.calls += 1
         if self.on_step:
             self.on_step(self.calls)
-        return {slot: SlotResult(env_obs(self.calls)) for slot in actions}
+        return {slot: Answer(env_obs(self.calls)) for slot in actions}
 
     def __enter__(self):
         return self
@@ -401,10 +401,10 @@ def test_a_killed_server_gives_error_episodes_and_the_run_resumes(checkpoints_fi
             proc.wait()
 
     def run(on_step):
-        monkeypatch.setattr(evaluate, "VectorLiberoEnv", lambda *a, **k: FakeEnv(2, on_step))
+        monkeypatch.setattr(evaluate, "WorkerPool", lambda n: FakePool(FakeEnv(2, on_step)))
         _metadata.clear()
         policy = build_policy(spec, BuildContext(reg, "libero_spatial", ModelCache()))
-        return evaluate_task(policy, spec, reg.identity(spec), protocol, 0, store, EvalSettings(workers=2))
+        return evaluate_task(policy, spec, reg.identity(spec), protocol, 0, store, EvalSettings(workers=2, groups=1))
 
     try:
         first = run(kill)

@@ -68,9 +68,9 @@ def test_the_remote_kind_gives_the_in_process_libero_episodes(tiny_snapshot, che
     the openpi protocol, in one simulator worker: the same outcome and steps per episode and the same frames at
     every step, so the same actions reached the simulator."""
     from vla_bench.envs.tasks import suite_tasks
-    from vla_bench.envs.vector import VectorLiberoEnv
+    from vla_bench.engine.pool import WorkerPool
+    from vla_bench.engine.scheduler import run_episodes
     from vla_bench.protocol import reference_protocol
-    from vla_bench.rollout import rollout_episodes
 
     _metadata.clear()
     reg = Registry.load(checkpoints_file(entries(tiny_snapshot)))
@@ -83,12 +83,11 @@ def test_the_remote_kind_gives_the_in_process_libero_episodes(tiny_snapshot, che
             f'[checkpoints.remote]\nkind = "remote"\nurl = "{bg.url}"\nprotocol = "openpi"\nimage_size = 0\n'
             'wrist_key = ""\nstate_key = ""\n'))))
         remote = build_policy(reg.get("remote"), BuildContext(reg, "libero_spatial", ModelCache()))
-        # no observation transform: both policies prepare their frames themselves from the same raw renders
-        with VectorLiberoEnv(protocol, 0, 1, cameras=("agentview",)) as env:
+        with WorkerPool(1) as pool:
             for name, policy in (("in-process", local), ("served", remote)):
                 outcomes = []
-                rollout_episodes(policy, env, protocol, 0, suite_tasks("libero_spatial")[0].language, [0, 1],
-                                 outcomes.append, record_frames=True)
+                run_episodes(policy, pool, protocol, 0, suite_tasks("libero_spatial")[0].language, [0, 1],
+                             outcomes.append, record_frames=True)
                 runs[name] = sorted(outcomes, key=lambda o: o.init_index)
         remote.close()
     for here, there in zip(runs["in-process"], runs["served"], strict=True):

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from tests.test_bad_input import SEEN
-from vla_bench.envs.vector import SlotResult, _run_episode
+from vla_bench.engine.pool import Answer
 from vla_bench.protocol import reference_protocol
-from vla_bench.rollout import action_error, rollout_episodes
+from tests.fake_pool import rollout_episodes
+from vla_bench.engine.episode import EpisodeRequest, action_error, run_in_worker
 
 PROTOCOL = reference_protocol("libero_spatial", episodes=3, max_steps=5)
 NAN_CASE = "a policy returning NaN or Inf in closed loop (an error, counted apart)"
@@ -22,11 +23,11 @@ class StandInEnv:
         self.n, self.executed = n, []
 
     def reset(self, requests):
-        return {slot: SlotResult({"slot": slot}) for slot in requests}
+        return {slot: Answer({"slot": slot}) for slot in requests}
 
     def step(self, actions):
         self.executed.extend(np.asarray(a).copy() for a in actions.values())
-        return {slot: SlotResult({"slot": slot}) for slot in actions}
+        return {slot: Answer({"slot": slot}) for slot in actions}
 
 
 class Scripted:
@@ -84,9 +85,11 @@ def test_actions_slightly_beyond_the_range_are_executed_clipped_by_the_env_not_r
 
 
 class WorkerEnv:
-    """LiberoTaskEnv's interface for _run_episode (the runner of in-worker policies)."""
+    """LiberoTaskEnv's interface for run_in_worker (the episode loop of in-worker policies)."""
 
     protocol = PROTOCOL
+    scene_check = "unchecked: a stand-in"
+    renderer = "none"
 
     def reset(self, init_index, seed):
         return {}
@@ -98,9 +101,8 @@ class WorkerEnv:
 @pytest.mark.parametrize("bad, case", [(_with(2, np.nan), NAN_CASE), (_with(0, 9.0), FAR_CASE),
                                        (lambda row: None, SHAPE_CASE)])
 def test_in_worker_episodes_end_as_an_error_naming_the_step(bad, case):
-    result = _run_episode(WorkerEnv(), Scripted(bad, at_step=4), 0, 1, "do it", False)
-    assert isinstance(result, SlotResult) and SEEN[case] in result.error \
-        and "at step 4" in result.error
+    result = run_in_worker(WorkerEnv(), Scripted(bad, at_step=4), EpisodeRequest(0, 1, "do it", 5))
+    assert not result.success and SEEN[case] in result.error and "at step 4" in result.error and result.steps == 3
 
 
 class OnDevice:

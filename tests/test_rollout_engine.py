@@ -2,10 +2,11 @@
 failures, freed slots take the next queued episode, max_steps ends an episode, and on_done can stop scheduling."""
 import numpy as np
 
-from vla_bench.envs.vector import SlotResult
+from vla_bench.engine.pool import Answer
 from vla_bench.policies.controls import NoopPolicy
+from vla_bench.policies.capabilities import Capabilities
 from vla_bench.protocol import reference_protocol
-from vla_bench.rollout import rollout_episodes
+from tests.fake_pool import rollout_episodes
 
 
 class FakeEnv:
@@ -21,7 +22,7 @@ class FakeEnv:
         out = {}
         for slot, (init_index, seed) in requests.items():
             self.current[slot], self.steps[slot] = init_index, 0
-            out[slot] = SlotResult({"agentview_image": np.zeros((4, 4, 3), np.uint8)})
+            out[slot] = Answer({"agentview_image": np.zeros((4, 4, 3), np.uint8)})
         return out
 
     def step(self, actions):
@@ -30,11 +31,16 @@ class FakeEnv:
             self.steps[slot] += 1
             i = self.current[slot]
             if i == 3 and self.steps[slot] == 2:
-                out[slot] = SlotResult(None, error="simulator exploded")
+                out[slot] = Answer(None, error="simulator exploded")
             else:
-                out[slot] = SlotResult({"agentview_image": np.zeros((4, 4, 3), np.uint8)},
+                out[slot] = Answer({"agentview_image": np.zeros((4, 4, 3), np.uint8)},
                                        done=self.succeed_at.get(i) == self.steps[slot])
         return out
+
+
+class Lockstep(NoopPolicy):
+    """The noop control acting from the main process (as a model does), not inside the workers."""
+    capabilities = Capabilities()
 
 
 def run(n_slots, init_indices, succeed_at, max_steps=5, stop_after=None, frames=False):
@@ -46,7 +52,7 @@ def run(n_slots, init_indices, succeed_at, max_steps=5, stop_after=None, frames=
         return stop_after is not None and len(outcomes) >= stop_after
 
     protocol = reference_protocol("libero_spatial", max_steps=max_steps)
-    rollout_episodes(NoopPolicy(), env, protocol, 0, "do it", init_indices, on_done, record_frames=frames)
+    rollout_episodes(Lockstep(), env, protocol, 0, "do it", init_indices, on_done, record_frames=frames)
     return {o.init_index: o for o in outcomes}, protocol
 
 

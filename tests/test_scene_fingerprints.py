@@ -164,10 +164,10 @@ def test_old_results_stores_gain_the_scene_check_column(tmp_path):
 
 @pytest.mark.sim
 def test_an_evaluation_reset_reports_that_its_scene_matches():
-    from vla_bench.envs.vector import VectorLiberoEnv
+    from tests.fake_pool import PoolEnv
 
     protocol = reference_protocol("libero_spatial")
-    with VectorLiberoEnv(protocol, 0, 1) as env:
+    with PoolEnv(protocol, 0, 1) as env:
         result = env.reset({0: (11, protocol.episode_seed(0, 11))})[0]
     assert result.error is None and result.scene_check == "match"
 

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from vla_bench.envs.vector import VectorLiberoEnv
+from tests.fake_pool import PoolEnv
 from vla_bench.protocol import reference_protocol
 
 pytestmark = pytest.mark.sim
@@ -28,7 +28,7 @@ def warn_like_an_unstable_simulation(obs: dict) -> dict:
 def test_mujoco_warnings_in_env_workers_leave_no_log_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     protocol = reference_protocol("libero_spatial", episodes=1, max_steps=1)
-    with VectorLiberoEnv(protocol, 0, 1, (), False, observation_transform=warn_like_an_unstable_simulation) as env:
+    with PoolEnv(protocol, 0, 1, (), False, transform=warn_like_an_unstable_simulation) as env:
         result = env.reset({0: (0, protocol.episode_seed(0, 0))})[0]
     assert result.error is None, result.error
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()

@@ -103,6 +103,7 @@ def run(args) -> int:
         if suite.closed_loop:
             tasks = ([parse_task_id(suite.name, str(t)) for t in args.tasks] if args.tasks
                      else range(len(suite_tasks(suite.name))))
+            session.plan([(registry.get(name), suite.name, task) for name in names for task in tasks])
             for name in names:
                 for task in tasks:
                     result = session.evaluate(registry.get(name), suite.name, task)
@@ -132,7 +133,7 @@ def run(args) -> int:
                     failed |= result.figures[metric].passed is False
             print_table(proxy_table(session.proxy_results))
     finally:
-        session.store.close()
+        session.close()
     print(f"results: {session.store.path}")
     return 1 if failed else 0
 

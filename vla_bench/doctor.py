@@ -61,7 +61,7 @@ def _jobs(prints: fingerprint.Fingerprints, suites, tasks, k) -> list[tuple[str,
 
 def run_parallel(fn, jobs, workers: int):
     """(job, result or exception) as each finishes, from `workers` spawned simulator processes."""
-    ctx = mp.get_context("spawn")  # no GL context or CUDA state copied into the simulators (envs/vector.py)
+    ctx = mp.get_context("spawn")  # no GL context or CUDA state copied into the simulators (engine/pool.py)
     with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
         futures = {pool.submit(fn, *job): job for job in jobs}
         for future in concurrent.futures.as_completed(futures):

@@ -1,7 +1,8 @@
-"""Evaluate one (checkpoint, suite, task): resume from the store, roll out what is missing, commit each episode.
+"""Evaluate one (checkpoint, suite, task): resume from the store, run what is missing on the engine, commit each
+episode as it finishes.
 
-This is the function behind both `pytest suites/libero_*` and the CLI; it knows nothing of pytest. Progress is
-reported through a callback so each front end shows it its own way.
+TaskRun is what the session (both `pytest suites/libero_*` and the CLI) hands the engine per task; it knows nothing
+of pytest. Progress is reported through a callback so each front end shows it its own way.
 """
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .envs.tasks import suite_tasks
-from .envs.vector import VectorLiberoEnv
+from .engine.episode import EpisodeOutcome
+from .engine.pool import EnvSpec, WorkerPool
+from .engine.scheduler import Job, Scheduler
 from .metrics.intervals import wilson_interval
 from .policies.base import Policy
 from .policies.capabilities import capabilities_of
@@ -20,7 +23,6 @@ from .protocol import Protocol
 from .registry import CheckpointSpec
 from .results import EpisodeRecord, ResultsStore, library_versions
 from .thresholds import Threshold
-from .rollout import EpisodeOutcome, rollout_episodes, rollout_in_workers
 from .video import wants_video, video_path, write_video
 
 
@@ -115,66 +117,105 @@ class EvalSettings:
     video_dir: Path = Path("videos")
     video_format: str = "mp4"
     device: str | None = None  # recorded with each row; None: the policy's own (`device_description`)
+    #: lockstep slot groups: while one group's batch is on the GPU the others simulate (engine/scheduler.py)
+    groups: int = 2
+    #: one model replica per device (--vla-devices); empty: the checkpoint entry's own device
+    devices: list = dataclasses.field(default_factory=list)
+    engine_stats: Path | None = None  # where to write the engine's figures as JSON when the session closes
 
 
-def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol: Protocol, task_index: int,
-                  store: ResultsStore, settings: EvalSettings,
-                  progress: Callable[[EpisodeOutcome, int, int], None] | None = None,
-                  threshold=None, stop_when: Callable[[dict[int, bool]], bool] | None = None) -> TaskResult:
-    """Run the protocol's episodes of one task that the store lacks, committing each as it finishes.
+class TaskRun:
+    """One (checkpoint, suite, task) of a session: what the store already holds, the engine job for the episodes it
+    lacks (each committed as it finishes), and the TaskResult once the job is done.
 
-    stop_when (curtailment): called with the measured outcomes {init index: success} after each episode; once it
-    returns True no further episode starts (episodes in flight still finish and are kept)."""
-    started = time.perf_counter()
-    task = suite_tasks(protocol.suite)[task_index]
-    key = protocol.key()
-    done = store.finished(identity, protocol.suite, task_index, key)
-    wanted = range(protocol.episodes)
-    todo = [i for i in wanted if i not in done]
-    records = {i: done[i] for i in wanted if i in done}
-    resumed = len(records)
+    policies: one replica per device (the engine spreads episodes over them). stop_when (curtailment): called with
+    the measured outcomes {init index: success} after each episode; once it returns True no further episode starts
+    (episodes in flight still finish and are kept)."""
 
-    def measured() -> dict[int, bool]:
-        return {i: r.success for i, r in records.items() if r.error is None}
-
-    if todo and not (stop_when and stop_when(measured())):
+    def __init__(self, policies: Sequence[Policy], spec: CheckpointSpec, identity: str, protocol: Protocol,
+                 task_index: int, store: ResultsStore, settings: EvalSettings, threshold=None,
+                 stop_when: Callable[[dict[int, bool]], bool] | None = None):
+        self.policies = list(policies)
+        self.spec, self.identity, self.protocol, self.task_index = spec, identity, protocol, task_index
+        self.store, self.settings, self.threshold, self.stop_when = store, settings, threshold, stop_when
+        self.task = suite_tasks(protocol.suite)[task_index]
+        self.key = protocol.key()
+        done = store.finished(identity, protocol.suite, task_index, self.key)
+        wanted = range(protocol.episodes)
+        self.records = {i: done[i] for i in wanted if i in done}
+        self.resumed = len(self.records)
+        #: called (outcome, episodes done, planned) after each committed episode: a front end's progress view
+        self.progress: Callable[[EpisodeOutcome, int, int], None] | None = None
+        self._first_start: float | None = None
+        self._last_end: float | None = None
+        todo = [i for i in wanted if i not in done]
+        if stop_when and stop_when(self._measured()):
+            todo = []
+        capabilities = capabilities_of(self.policies[0])
         record_frames = settings.video != "none"
-        capabilities = capabilities_of(policy)
         # cameras cost ~0.2 s per step each on a CPU: render only what the policy or the video needs
         cameras = capabilities.rendered_cameras
         if record_frames and "agentview" not in cameras:
             cameras += ("agentview",)
         # plus what the policy says identifies it beyond its identity string (a remote server's metadata)
-        versions = {**library_versions(), **getattr(policy, "row_versions", {})}
-        device = settings.device or device_description(policy)
-        # cheap CPU policies (scripted expert, controls) run whole episodes inside the workers
-        in_workers = capabilities.in_worker
-        with VectorLiberoEnv(protocol, task_index, min(settings.workers, len(todo)), cameras,
-                             capabilities.privileged, local_policy=policy if in_workers else None,
-                             observation_transform=capabilities.frame_transform) as env:
-            def on_done(outcome: EpisodeOutcome) -> bool:
-                video = None
-                if outcome.frames and wants_video(settings.video, outcome.success):
-                    label = "error" if outcome.error else ("success" if outcome.success else "failure")
-                    video = str(write_video(video_path(settings.video_dir, spec.name, protocol.suite,
-                                                       task.task_id, outcome.init_index, label,
-                                                       settings.video_format),
-                                            outcome.frames, settings.video_format))
-                record = EpisodeRecord(spec.name, identity, protocol.suite, task_index, task.name,
-                                       outcome.init_index, outcome.seed, key, protocol.as_dict(), outcome.success,
-                                       outcome.steps, outcome.error, outcome.wall_s, versions, env.backend,
-                                       device, video, scene_check=outcome.scene_check)
-                store.add(record)
-                records[outcome.init_index] = record
-                if progress:
-                    progress(outcome, len(records), protocol.episodes)
-                return bool(stop_when and stop_when(measured()))
+        self.versions = {**library_versions(), **getattr(self.policies[0], "row_versions", {})}
+        self.devices = [settings.device or device_description(p) for p in self.policies]
+        self.job = Job(f"{spec.name} {protocol.suite} {self.task.task_id}", self.policies,
+                       EnvSpec(protocol, task_index, cameras, capabilities.privileged), self.task.language, todo,
+                       lambda i: protocol.episode_seed(task_index, i), self._on_done, record_frames, capabilities)
 
-            if in_workers:
-                rollout_in_workers(env, protocol, task_index, task.language, todo, on_done, record_frames)
-            else:
-                rollout_episodes(policy, env, protocol, task_index, task.language, todo, on_done, record_frames)
-    result = summarize([records[i] for i in sorted(records)], spec.name, protocol.suite, task_index, threshold,
-                       resumed, wall_s=time.perf_counter() - started)
-    result.planned = protocol.episodes
-    return result
+    def _measured(self) -> dict[int, bool]:
+        return {i: r.success for i, r in self.records.items() if r.error is None}
+
+    def _on_done(self, outcome: EpisodeOutcome) -> bool:
+        now = time.perf_counter()
+        self._first_start = min(self._first_start or now, now - outcome.wall_s)
+        self._last_end = now
+        video = None
+        if outcome.frames and wants_video(self.settings.video, outcome.success):
+            label = "error" if outcome.error else ("success" if outcome.success else "failure")
+            video = str(write_video(video_path(self.settings.video_dir, self.spec.name, self.protocol.suite,
+                                               self.task.task_id, outcome.init_index, label,
+                                               self.settings.video_format),
+                                    outcome.frames, self.settings.video_format))
+        replica = (outcome.slot or 0) % len(self.policies)
+        record = EpisodeRecord(self.spec.name, self.identity, self.protocol.suite, self.task_index, self.task.name,
+                               outcome.init_index, outcome.seed, self.key, self.protocol.as_dict(), outcome.success,
+                               outcome.steps, outcome.error, outcome.wall_s, self.versions,
+                               outcome.renderer or "unknown (the episode ended before its reset answered)",
+                               self.devices[replica], video, scene_check=outcome.scene_check,
+                               workers=self.settings.workers, replica=replica)
+        self.store.add(record)
+        self.records[outcome.init_index] = record
+        if self.progress:
+            self.progress(outcome, len(self.records), self.protocol.episodes)
+        return bool(self.stop_when and self.stop_when(self._measured()))
+
+    def result(self) -> TaskResult:
+        wall = (self._last_end - self._first_start) if self._first_start is not None else 0.0
+        result = summarize([self.records[i] for i in sorted(self.records)], self.spec.name, self.protocol.suite,
+                           self.task_index, self.threshold, self.resumed, wall_s=wall)
+        result.planned = self.protocol.episodes
+        return result
+
+
+def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol: Protocol, task_index: int,
+                  store: ResultsStore, settings: EvalSettings,
+                  progress: Callable[[EpisodeOutcome, int, int], None] | None = None,
+                  threshold=None, stop_when: Callable[[dict[int, bool]], bool] | None = None, pool=None
+                  ) -> TaskResult:
+    """One task on its own worker pool (or on `pool`): the session runs many TaskRuns on one engine instead."""
+    run = TaskRun([policy], spec, identity, protocol, task_index, store, settings, threshold, stop_when)
+    run.progress = progress
+    if run.job.todo:
+        own = pool is None
+        pool = pool or WorkerPool(min(settings.workers, len(run.job.todo)))
+        scheduler = Scheduler(pool, settings.groups)
+        scheduler.add(run.job)
+        try:
+            scheduler.run()
+        finally:
+            scheduler.close()
+            if own:
+                pool.close()
+    return run.result()

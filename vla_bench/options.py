@@ -18,6 +18,7 @@ DEFAULT_RESULTS = "results/vla-bench.sqlite"
 DEFAULT_BASELINES = "baselines"
 DEFAULT_VIDEO_DIR = "videos"
 DEFAULT_ALPHA = 0.05  # the gate's significance level
+DEFAULT_GROUPS = 2  # lockstep slot groups of the engine (engine/scheduler.py)
 
 AddOption = Callable[..., Any]
 
@@ -56,7 +57,14 @@ def add_gate_options(addoption: AddOption, prefix: str = "vla-") -> None:
 def add_run_options(addoption: AddOption, prefix: str = "vla-") -> None:
     """How an evaluation runs: workers, datasets, baselines to save or compare against, early stopping."""
     addoption(f"--{prefix}workers", type=int, default=None, metavar="N",
-              help="simulator processes per task (default: the CPU count)")
+              help="simulator processes of the session, shared by all its tasks (default: the CPU count)")
+    addoption(f"--{prefix}groups", type=int, default=DEFAULT_GROUPS, metavar="G",
+              help="lockstep slot groups: while one group's batch is on the GPU the others simulate "
+                   f"(default {DEFAULT_GROUPS}; 1: every slot in one batch)")
+    addoption(f"--{prefix}devices", default=None, metavar="cuda:0,cuda:1|all",
+              help="one model replica per device, episodes spread across them (default: the entry's own device)")
+    addoption(f"--{prefix}engine-stats", default=None, metavar="PATH",
+              help="write the engine's figures as JSON: actions/s, policy (GPU) busy fraction, batch sizes")
     addoption(f"--{prefix}data", action="append", default=[], metavar="SUITE=PATH",
               help="dataset of an open-loop suite (bridge_v2, libero_demos), overriding checkpoints.toml")
     addoption(f"--{prefix}save", default=None, metavar="NAME",
@@ -124,6 +132,11 @@ def check_values(values: OptionValues) -> None:
         value = values(option)
         if value is not None and value < 1:
             raise VlaBenchError(f"{values.flag(option)} must be at least 1, got {value}")
+    for option in ("workers", "groups"):
+        value = values(option)
+        if value is not None and value < 1:
+            raise VlaBenchError(f"{values.flag(option)} must be at least 1, got {value}")
+    parse_devices(values("devices"), values.flag("devices"))
     for item in values("data"):
         suite, sep, path = item.partition("=")
         if not sep or not path:
@@ -131,3 +144,27 @@ def check_values(values: OptionValues) -> None:
         if suite not in suite_names(OPEN_LOOP):
             raise VlaBenchError(f"{values.flag('data')} {item!r}: unknown suite {suite!r}; suites that read a dataset: "
                                 f"{', '.join(suite_names(OPEN_LOOP))}")
+
+
+def parse_devices(text: str | None, flag: str = "--vla-devices") -> list[str]:
+    """--vla-devices: 'cuda:0,cuda:1', 'all' (every CUDA device of the host) or None (the entry's own device)."""
+    from .errors import VlaBenchError
+
+    if text is None:
+        return []
+    if text == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise VlaBenchError(f"{flag} all: this host has no CUDA device")
+        return [f"cuda:{i}" for i in range(count)]
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    import re
+
+    bad = [d for d in devices if not re.fullmatch(r"cpu|cuda(:\d+)?", d)]
+    if bad or not devices:
+        raise VlaBenchError(f"{flag} {text!r}: expected a comma-separated list of cpu, cuda or cuda:N, or all")
+    if len(set(devices)) != len(devices):
+        raise VlaBenchError(f"{flag} {text!r}: a device is named twice (one replica per device)")
+    return devices

@@ -310,15 +310,48 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     one usage error rather than a failure per test."""
     if session.config.option.collectonly:
         return
-    if any({"libero_task", "proxy_metric"} & set(getattr(item, "fixturenames", ())) for item in session.items):
+    fixtures = {"libero_task", "libero_pro_task", "proxy_metric"}
+    if any(fixtures & set(getattr(item, "fixturenames", ())) for item in session.items):
         try:
             session.config.stash[_STATE].session  # noqa: B018 (creates it)
         except VlaBenchError as e:
             raise _usage_error(e) from None
+        _plan(session)
+
+
+def _closed_loop_cases(items) -> list:
+    """The (checkpoint, suite, task) cases the selected closed-loop tests will evaluate, in test order; a robustness
+    case brings its unperturbed twin first."""
+    from .suites import split_robustness_suite
+
+    cases = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case = params.get("libero_task") or params.get("libero_pro_task")
+        if case is None:
+            continue
+        if isinstance(case, RobustnessCase):
+            cases.append((case.checkpoint, split_robustness_suite(case.suite)[0], case.task_index))
+        cases.append((case.checkpoint, case.suite, case.task_index))
+    return list(dict.fromkeys(cases))
+
+
+def _plan(session: pytest.Session) -> None:
+    """Hand every selected closed-loop task to the engine before the first test, so their episodes share one pool
+    (the first test's task is served first). Under pytest-xdist a worker does not know in advance which tests it
+    will get, so there each test plans its own task when it runs."""
+    if hasattr(session.config, "workerinput"):
+        return
+    state = session.config.stash[_STATE]
+    vla = state.session
+    vla.plan([(state.registry.get(c), suite, task) for c, suite, task in _closed_loop_cases(session.items)])
 
 
 class _Progress:
-    """A transient rich progress bar shown while a task's episodes run, outside pytest's output capture."""
+    """The live view: a transient rich display shown while a test waits for its task's episodes, outside pytest's
+    output capture (so it never mixes with pytest's lines). One bar for the test's task and one line for the whole
+    session's engine: episodes done of planned, successes, episodes/s, actions/s and the policy's (GPU's) busy
+    fraction. Episodes of later tasks that finish meanwhile are counted on the session line."""
 
     def __init__(self, config: pytest.Config, case: LiberoCase, total: int):
         from rich.console import Console
@@ -327,12 +360,29 @@ class _Progress:
 
         self.capture = config.pluginmanager.getplugin("capturemanager")
         self.enabled = config.getoption("verbose") >= 0  # -q keeps the screen quiet
-        self.progress = Progress(TextColumn(f"{case.suite} {case.id}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[successes]} successes"), TimeElapsedColumn(),
-                                 TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
-                                 transient=True)
-        self.task = self.progress.add_task("episodes", total=total, successes=0)
+        self.session = config.stash[_STATE].session
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[successes]} successes"), TextColumn("{task.fields[rates]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+        self.task = self.progress.add_task(f"{case.suite} {case.id}", total=total, successes=0, rates="")
+        self.engine_row = self.progress.add_task("session", total=None, successes=0, rates="")
         self.successes = 0
+        self.session_successes = 0  # of the episodes finished while this view is shown
+        self.session.on_episode = self.on_episode
+
+    def on_episode(self, job, outcome) -> None:
+        engine = self.session._engine
+        if engine is None:
+            return
+        stats = engine.stats
+        planned = sum(len(j.init_indices) for j in engine.jobs)
+        self.session_successes += bool(outcome.success)
+        wall = stats.wall_s or 1e-9
+        self.progress.update(self.engine_row, completed=stats.episodes, total=planned,
+                             successes=self.session_successes,
+                             rates=f"{stats.episodes / wall:.2f} episodes/s, {stats.actions / wall:.0f} actions/s, "
+                                   f"policy busy {stats.busy:.0%}")
 
     def __enter__(self):
         if self.enabled:
@@ -347,6 +397,7 @@ class _Progress:
         self.progress.update(self.task, completed=done, successes=self.successes)
 
     def __exit__(self, *exc):
+        self.session.on_episode = None
         if self.enabled:
             self.progress.stop()
             if self._suspend:
@@ -518,4 +569,4 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     if state is not None and state._session is not None:
-        state._session.store.close()
+        state._session.close()

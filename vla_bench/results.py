@@ -85,11 +85,13 @@ class EpisodeRecord:
     created: float = dataclasses.field(default_factory=time.time)
     #: the settled scene against the reference stack's fingerprint: 'match', 'mismatch: ...', 'unchecked: ...'
     scene_check: str | None = None
+    workers: int | None = None  # simulator workers of the session that ran it
+    replica: int | None = None  # which model replica (index into --vla-devices) computed its actions
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(EpisodeRecord)]
 #: columns added after the first release of the schema, with their SQL types
-_ADDED_COLUMNS = {"scene_check": "TEXT"}
+_ADDED_COLUMNS = {"scene_check": "TEXT", "workers": "INTEGER", "replica": "INTEGER"}
 
 
 class ResultsStore:

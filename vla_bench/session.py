@@ -13,10 +13,10 @@ from typing import Callable
 from .baselines import BaselineRun, load_baseline, save_baseline, task_pairs
 from .envs.tasks import suite_tasks
 from .errors import VlaBenchError
-from .evaluate import EvalSettings, TaskResult, default_workers, evaluate_task
+from .evaluate import EvalSettings, TaskResult, TaskRun, default_workers
 from .gate import GateSettings, check_protocol_matches, gate_task, run_from_records, stop_rule
 from .metrics.verdicts import compare_suite
-from .options import OptionValues
+from .options import OptionValues, parse_devices
 from .policies import BuildContext, ModelCache, Policy, build_policy
 from .protocol import Protocol, reference_protocol
 from .registry import CheckpointSpec, Registry
@@ -48,6 +48,11 @@ class EvalSession:
         self.proxy_results: dict[tuple[str, str], object] = {}  # (checkpoint, suite) -> OpenLoopResult
         self.robustness_results: list = []  # RobustnessResult, one per (checkpoint, robustness suite, task)
         self._unperturbed: dict[tuple[str, str, int], TaskResult] = {}  # (checkpoint, base suite, task) -> result
+        #: (checkpoint, suite, task) -> its TaskRun, or the error that stops it (raised in its own test)
+        self._runs: dict[tuple[str, str, int], TaskRun | Exception] = {}
+        self._engine = None  # the Scheduler over one WorkerPool, made when the first episode must run
+        #: called (job, outcome) after every committed episode of any task: a front end's live view
+        self.on_episode: Callable | None = None
         self.data_overrides: dict[str, str] = {}  # suite -> dataset path (--vla-data)
 
     def protocol(self, suite: str) -> Protocol:
@@ -58,14 +63,39 @@ class EvalSession:
             self._identities[spec.name] = self.registry.identity(spec)
         return self._identities[spec.name]
 
-    def policy(self, spec: CheckpointSpec, suite: str) -> Policy:
-        key = (spec.name, suite)
+    def policy(self, spec: CheckpointSpec, suite: str, device: str | None = None) -> Policy:
+        key = (spec.name, suite, device)
         if key not in self._policies:
-            self._policies[key] = build_policy(spec, BuildContext(self.registry, suite, self.cache))
+            self._policies[key] = build_policy(spec, BuildContext(self.registry, suite, self.cache, device))
         return self._policies[key]
 
-    def evaluate(self, spec: CheckpointSpec, suite: str, task_index: int,
-                 progress: Callable | None = None) -> TaskResult:
+    def replicas(self, spec: CheckpointSpec, suite: str) -> list[Policy]:
+        """One policy per device of --vla-devices (one model replica each), or the entry's own device."""
+        devices = self.settings.devices or [None]
+        return [self.policy(spec, suite, device) for device in devices]
+
+    # ---- closed loop: every task of the session on one engine ----------------------------------------------
+    def plan(self, cases) -> None:
+        """Make the TaskRuns of every (spec, suite, task_index) the session will evaluate, so the engine can run
+        their episodes side by side from the first test on. A case that cannot run keeps its error for its own test."""
+        for spec, suite, task_index in cases:
+            self._task_run(spec, suite, task_index)
+
+    def _task_run(self, spec: CheckpointSpec, suite: str, task_index: int) -> TaskRun:
+        key = (spec.name, suite, task_index)
+        if key not in self._runs:
+            try:
+                self._runs[key] = self._new_task_run(spec, suite, task_index)
+                if self._engine is not None:
+                    self._engine.add(self._runs[key].job)
+            except Exception as e:  # noqa: BLE001 - kept for the case's own test, which raises it
+                self._runs[key] = e
+        run = self._runs[key]
+        if isinstance(run, Exception):
+            raise run
+        return run
+
+    def _new_task_run(self, spec: CheckpointSpec, suite: str, task_index: int) -> TaskRun:
         task = suite_tasks(suite)[task_index]
         threshold = self.registry.threshold(spec, suite, task.task_id)
         protocol = self.protocol(suite)
@@ -77,12 +107,50 @@ class EvalSession:
         if self.curtail or (baseline is not None and self.gate.looks):
             stop = stop_rule(planned, threshold, baseline.outcomes(task.task_id) if baseline else None, self.gate,
                              curtail=self.curtail)
-        result = evaluate_task(self.policy(spec, suite), spec, self.identity(spec), protocol, task_index,
-                               self.store, self.settings, progress, threshold, stop)
+        return TaskRun(self.replicas(spec, suite), spec, self.identity(spec), protocol, task_index, self.store,
+                       self.settings, threshold, stop)
+
+    def engine(self):
+        """The session's Scheduler over one WorkerPool, sized for the episodes planned so far."""
+        if self._engine is None:
+            from .engine.pool import WorkerPool
+            from .engine.scheduler import Scheduler
+
+            runs = [r for r in self._runs.values() if isinstance(r, TaskRun)]
+            todo = sum(len(r.job.todo) for r in runs)
+            self._engine = Scheduler(WorkerPool(max(1, min(self.settings.workers, todo))), self.settings.groups,
+                                     on_episode=lambda job, outcome: self.on_episode and self.on_episode(job, outcome))
+            for run in runs:
+                self._engine.add(run.job)
+        return self._engine
+
+    def evaluate(self, spec: CheckpointSpec, suite: str, task_index: int,
+                 progress: Callable | None = None) -> TaskResult:
+        run = self._task_run(spec, suite, task_index)
+        run.progress = progress
+        if not run.job.finished:
+            engine = self.engine()
+            engine.run(until=lambda: run.job.finished)
+        run.progress = None
+        result = run.result()
+        baseline = self.baseline_for(spec)
         if baseline is not None:
-            result.gate = gate_task(baseline, task.task_id, result.outcomes(), self.gate, protocol.episodes)
+            result.gate = gate_task(baseline, run.task.task_id, result.outcomes(), self.gate,
+                                    run.protocol.episodes)
         self.results.append(result)
         return result
+
+    def close(self) -> None:
+        """Stop the engine's workers (episodes still in flight are not committed: a rerun resumes them)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine.pool.close()
+            if self.settings.engine_stats is not None:
+                write_json_atomically(self.settings.engine_stats,
+                                      {**self._engine.stats.as_dict(), "workers": self._engine.pool.n,
+                                       "groups": self._engine.groups, "devices": self.settings.devices})
+            self._engine = None
+        self.store.close()
 
     def evaluate_robustness(self, spec: CheckpointSpec, suite: str, task_index: int,
                             progress_for: Callable[[str], Callable | None] | None = None):
@@ -180,9 +248,22 @@ def session_from_options(registry: Registry, values: OptionValues) -> EvalSessio
             raise VlaBenchError(f"{values.flag('data')} {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
         data_overrides[suite] = path
     settings = EvalSettings(workers=values("workers") or default_workers(), video=values("video"),
+                            devices=parse_devices(values("devices")), groups=values("groups"),
+                            engine_stats=Path(values("engine-stats")) if values("engine-stats") else None,
                             video_dir=Path(values("video-dir")), video_format=values("video-format"))
     session = EvalSession(registry, ResultsStore(Path(values("results"))), settings, values("episodes"),
                           values("max-steps"), compare=values("compare"), gate=gate, curtail=values("curtail"),
                           baselines_dir=Path(values("baselines")))
     session.data_overrides.update(data_overrides)
     return session
+
+
+def write_json_atomically(path: Path, value) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""One expert episode from a random reset, as a worker records it.
+"""What `vla-bench collect` records of an expert episode from a random reset (the loop is engine/episode.py's).
 
 Action noise (`--action-noise SIGMA`, off by default): the simulator executes the expert's action plus Gaussian
 noise on the arm dimensions (a[0:6], clipped to [-1, 1]; the gripper is untouched), while `actions` records the
@@ -13,40 +13,14 @@ left task8 at 5 of 10 demos, so start lower.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
-from ..protocol import Protocol
 
 CAMERAS = (("agentview", "agentview_image", "agentview_rgb"),
            ("robot0_eye_in_hand", "robot0_eye_in_hand_image", "eye_in_hand_rgb"))
 DEFAULT_CAMERAS = tuple(name for name, _, _ in CAMERAS)
 
 ARM_DIMS = 6  # a[0:6] moves the arm (translation + rotation deltas); a[6] is the gripper
-
-
-class DemoEnv:
-    """A LiberoTaskEnv that starts episodes from LIBERO's random placement instead of a fixed init state."""
-
-    def __init__(self, protocol: Protocol, task_index: int, cameras: Sequence[str], privileged: bool):
-        from ..envs.libero import LiberoTaskEnv
-
-        self.base = LiberoTaskEnv(protocol, task_index, tuple(cameras), privileged)
-        self.protocol = protocol
-
-    def reset(self, seed: int) -> tuple[dict, np.ndarray]:
-        """(observation after the wait steps, flattened sim state right after the reset)."""
-        return self.base.reset_random(seed)
-
-    def step(self, action) -> tuple[dict, bool]:
-        return self.base.step(action)
-
-    def sim_state(self) -> np.ndarray:
-        return np.asarray(self.base.env.get_sim_state(), dtype=np.float64).copy()
-
-    def close(self) -> None:
-        self.base.close()
 
 
 def perturb(action: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -57,22 +31,25 @@ def perturb(action: np.ndarray, sigma: float, rng: np.random.Generator) -> np.nd
     return executed
 
 
-def record_episode(env: DemoEnv, policy, language: str, seed: int, max_steps: int, action_noise: float = 0.0
-                   ) -> dict:
-    """Run one expert episode from the random reset of `seed`; return {"success", "episode"} where episode is a
-    `write_libero_demos` mapping. With `action_noise` > 0 the simulator executes perturbed actions (module
-    docstring) and `actions` stays the expert's."""
-    from robosuite.utils.transform_utils import quat2axisangle
+class DemoRecorder:
+    """What a collected episode records, step by step, as a `write_libero_demos` mapping: the simulator state, the
+    robot's proprioception and the camera frames before each step, the expert's action and (under action noise) the
+    executed one. The episode loop itself is engine/episode.py's, the same as evaluation's."""
 
-    obs, init_state = env.reset(seed)
-    policy.reset(0, seed)
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {k: [] for k in ("actions", "executed_actions", "states", "robot_states", "ee_states",
-                                             "gripper_states", "joint_states")}
-    images: dict[str, list] = {name: [] for _, key, name in CAMERAS if key in obs}
-    success = False
-    for _ in range(max_steps):
-        rows["states"].append(env.sim_state())
+    def __init__(self, init_state, request):
+        self.init_state = init_state
+        self.request = request
+        self.rows: dict[str, list] = {k: [] for k in ("actions", "executed_actions", "states", "robot_states",
+                                                      "ee_states", "gripper_states", "joint_states")}
+        self.images: dict[str, list] | None = None
+
+    def add(self, obs: dict, action: np.ndarray, executed: np.ndarray, sim_state: np.ndarray) -> None:
+        from robosuite.utils.transform_utils import quat2axisangle
+
+        if self.images is None:
+            self.images = {name: [] for _, key, name in CAMERAS if key in obs}
+        rows = self.rows
+        rows["states"].append(sim_state)
         gripper = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
         pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
         quat = np.array(obs["robot0_eef_quat"], dtype=np.float64)  # xyzw; quat2axisangle clips it in place
@@ -81,25 +58,22 @@ def record_episode(env: DemoEnv, policy, language: str, seed: int, max_steps: in
         rows["gripper_states"].append(gripper)
         rows["joint_states"].append(np.asarray(obs["robot0_joint_pos"], dtype=np.float64))
         for _, key, name in CAMERAS:
-            if name in images:
-                images[name].append(np.asarray(obs[key], dtype=np.uint8))
-        action = np.asarray(policy.act([obs], [language], [0])[0], dtype=np.float64)
-        rows["actions"].append(action)
-        executed = perturb(action, action_noise, rng) if action_noise > 0 else action
-        rows["executed_actions"].append(executed)
-        obs, done = env.step(executed)
-        if done:
-            success = True
-            break
-    stack = {k: np.stack(v) if v else np.zeros((0,)) for k, v in rows.items()}
-    episode = {
-        "actions": stack["actions"], "states": stack["states"], "robot_states": stack["robot_states"],
-        "obs": {"ee_states": stack["ee_states"], "gripper_states": stack["gripper_states"],
-                "joint_states": stack["joint_states"],
-                **{name: np.stack(frames) for name, frames in images.items() if frames}},
-        "init_state": init_state,
-        "attrs": {"seed": int(seed), "action_noise": float(action_noise)},
-    }
-    if action_noise > 0:
-        episode["executed_actions"] = stack["executed_actions"]
-    return {"success": success, "episode": episode}
+            if name in self.images:
+                self.images[name].append(np.asarray(obs[key], dtype=np.uint8))
+        rows["actions"].append(np.asarray(action, dtype=np.float64))
+        rows["executed_actions"].append(np.asarray(executed, dtype=np.float64))
+
+    def result(self) -> dict:
+        stack = {k: np.stack(v) if v else np.zeros((0,)) for k, v in self.rows.items()}
+        images = self.images or {}
+        episode = {
+            "actions": stack["actions"], "states": stack["states"], "robot_states": stack["robot_states"],
+            "obs": {"ee_states": stack["ee_states"], "gripper_states": stack["gripper_states"],
+                    "joint_states": stack["joint_states"],
+                    **{name: np.stack(frames) for name, frames in images.items() if frames}},
+            "init_state": self.init_state,
+            "attrs": {"seed": int(self.request.seed), "action_noise": float(self.request.action_noise)},
+        }
+        if self.request.action_noise > 0:
+            episode["executed_actions"] = stack["executed_actions"]
+        return episode

@@ -5,31 +5,28 @@ first, failures are recorded in the file (data.attrs["vla_bench_failed_seeds"]),
 prefix of attempts that holds `n_demos` successes. A killed run that is started again skips the seeds already in
 the file and continues the same sequence, so it ends with the same demos as a run that was never killed.
 
-Workers: one process per core, 'spawn' context (like envs/vector.py), each running a whole episode (env + expert)
-and sending back the finished demo, so nothing crosses a pipe per step. The expert is built through the registry in
+Workers: the engine's pool (engine/pool.py), one process per core, each running a whole episode with the engine's
+episode loop (engine/episode.py, recording the demo) and sending back the finished demo, so nothing crosses a pipe
+per step. The expert is built through the registry in
 the calling process and pickled to the workers: the scripted expert is plain NumPy, and torch must stay out of the
 workers (importing robosuite before torchvision segfaults in the reference stack).
 """
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 import os
 import time
-import traceback
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..data.libero_hdf5 import append_libero_demo
-from ..envs.rendering import private_workdir
 from ..errors import VlaBenchError, choices
 from ..policies.capabilities import capabilities_of
 from ..protocol import Protocol, reference_protocol
 from ..suites import CLOSED_LOOP, get_suite
-from .episode import CAMERAS, DEFAULT_CAMERAS, DemoEnv, record_episode
+from .episode import CAMERAS, DEFAULT_CAMERAS
 from .writer import open_task_file, record_failure, task_file
 
 DEFAULT_EXPERT = "expert"
@@ -82,37 +79,6 @@ class CollectSummary:
     def as_dict(self) -> dict:
         return {"suite": self.suite, "n_demos": self.n_demos, "seconds": self.seconds, "complete": self.complete,
                 "tasks": [{**dataclasses.asdict(t), "path": str(t.path)} for t in self.tasks]}
-
-
-def _worker(conn, protocol: Protocol, cameras: tuple, policy, tasks: dict, action_noise: float = 0.0) -> None:
-    """Serve ("run", task_index, attempt, seed) requests with finished episodes until ("close",)."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the workers already fill the cores
-    env, env_task = None, None
-    workdir = private_workdir()  # MuJoCo's MUJOCO_LOG.TXT goes there, not into the user's folder
-    try:
-        while True:
-            command, *args = conn.recv()
-            if command == "close":
-                break
-            task_index, attempt, seed = args
-            try:
-                if env_task != task_index:  # a worker keeps its env while it stays on one task (building costs s)
-                    if env is not None:
-                        env.close()
-                    env, env_task = None, None
-                    env = DemoEnv(protocol, task_index, cameras, capabilities_of(policy).privileged)
-                    env_task = task_index
-                result = record_episode(env, policy, tasks[task_index], seed, protocol.max_steps, action_noise)
-                conn.send(("done", task_index, attempt, result))
-            except Exception:
-                conn.send(("error", task_index, attempt, traceback.format_exc(limit=6)))
-    except (EOFError, KeyboardInterrupt):
-        pass
-    finally:
-        if env is not None:
-            env.close()
-        conn.close()
-        workdir.cleanup()
 
 
 # ---- the calling side ---------------------------------------------------------------------------------------------
@@ -240,68 +206,52 @@ def collect(suite: str, tasks: Sequence[int], n_demos: int, out_dir: str | os.Pa
 
 def _run_workers(states: dict, n_workers: int, protocol: Protocol, cameras: tuple, policy, infos, needs_work,
                  seed_of, flush, action_noise: float = 0.0) -> None:
-    ctx = mp.get_context("spawn")
-    languages = {t: infos[t].language for t in states}
-    workers: list = [None] * n_workers
-    busy: dict[int, tuple[int, int]] = {}  # worker -> (task, attempt)
+    """Whole demo episodes on the engine's worker pool (engine/pool.py), each worker with its own copy of the
+    expert; results are handed to `flush` per task, which writes them in attempt order."""
+    from ..engine.episode import EpisodeRequest
+    from ..engine.pool import EnvSpec, WorkerPool
+
+    privileged = capabilities_of(policy).privileged
+    busy: dict[int, tuple[int, int]] = {}  # slot -> (task, attempt)
     last_task: dict[int, int] = {}
 
-    def start(w: int) -> None:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, protocol, cameras, policy, languages, action_noise), daemon=True)
-        proc.start()
-        child.close()
-        workers[w] = (proc, parent)
+    with WorkerPool(n_workers) as pool:
+        def dispatch(slot: int) -> bool:
+            # stay on the slot's current task while it needs demos (an env rebuild costs seconds), else the first
+            order = sorted(states.values(), key=lambda t: (t.index != last_task.get(slot), list(states).index(t.index)))
+            for task in order:
+                if needs_work(task):
+                    attempt = task.next_attempt
+                    task.next_attempt += 1
+                    task.in_flight.add(attempt)
+                    request = EpisodeRequest(None, seed_of(task, attempt), infos[task.index].language,
+                                             protocol.max_steps, demo=True, action_noise=action_noise)
+                    pool.keep(slot, "expert", policy)
+                    pool.submit(slot, "episode", EnvSpec(protocol, task.index, cameras, privileged), "expert", None,
+                                request)
+                    busy[slot] = (task.index, attempt)
+                    last_task[slot] = task.index
+                    return True
+            return False
 
-    def dispatch(w: int) -> bool:
-        # stay on the worker's current task while it needs demos (an env rebuild costs seconds), else the first
-        order = sorted(states.values(), key=lambda t: (t.index != last_task.get(w), list(states).index(t.index)))
-        for task in order:
-            if needs_work(task):
-                attempt = task.next_attempt
-                task.next_attempt += 1
-                task.in_flight.add(attempt)
-                workers[w][1].send(("run", task.index, attempt, seed_of(task, attempt)))
-                busy[w] = (task.index, attempt)
-                last_task[w] = task.index
-                return True
-        return False
-
-    try:
-        for w in range(n_workers):
-            start(w)
-            if not dispatch(w):
+        for slot in range(n_workers):
+            if not dispatch(slot):
                 break
         while busy:
-            ready = wait([workers[w][1] for w in busy])
-            for w in [w for w in list(busy) if workers[w][1] in ready]:
-                task_index, attempt = busy.pop(w)
+            for slot, answer in pool.wait().items():
+                task_index, attempt = busy.pop(slot)
                 task = states[task_index]
-                try:
-                    kind, _t, _a, payload = workers[w][1].recv()
-                    result = payload if kind == "done" else {"success": False, "error": payload}
-                except (EOFError, ConnectionResetError, OSError):  # the worker died (segfault, OOM kill)
-                    proc, conn = workers[w]
-                    conn.close()
-                    proc.join(timeout=5)
-                    result = {"success": False, "error": f"worker died (exit code {proc.exitcode})"}
-                    start(w)
-                    last_task.pop(w, None)
+                outcome = answer.episode
+                if answer.error is not None or outcome is None or outcome.error is not None:
+                    error = answer.error or (outcome.error if outcome is not None else "no answer")
+                    result = {"success": False, "error": error}
+                    last_task.pop(slot, None)
+                else:
+                    result = {"success": outcome.success, "episode": outcome.demo}
                 task.in_flight.discard(attempt)
                 task.buffered[attempt] = result
                 flush(task)
-                dispatch(w)
-    finally:
-        for proc, conn in (x for x in workers if x is not None):
-            try:
-                conn.send(("close",))
-            except (BrokenPipeError, OSError):
-                pass
-        for proc, conn in (x for x in workers if x is not None):
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-            conn.close()
+                dispatch(slot)
 
 
 def _build_expert(suite: str, name: str, checkpoints_file):

@@ -1,6 +1,6 @@
 """One LIBERO task environment, built once and reused across episodes (reset + set_init_state).
 
-Runs inside an env worker process (vla_bench/envs/vector.py), never in the main process: importing robosuite
+Runs inside an env worker process (vla_bench/engine/pool.py), never in the main process: importing robosuite
 before torchvision makes triton segfault at import in the reference stack, and the policy lives in the main process.
 """
 from __future__ import annotations

@@ -144,7 +144,8 @@ def build(spec, context):
     base_spec = _base_spec(spec, registry)
     source = _dir(base_spec, "source")
     dtype_opt = _option(spec, registry, "dtype", "auto")
-    device = resolve_device(_option(spec, registry, "device", "auto"), spec.where("device"))
+    # --vla-devices builds one replica per device; the entry's own device otherwise
+    device = resolve_device(context.device or _option(spec, registry, "device", "auto"), spec.where("device"))
     dtype = resolve_dtype(dtype_opt, device, spec.where("dtype"))
     key = ("openvla", weights_identity(spec, registry), str(dtype), str(device))
     base = context.cache.get_or_create(key, lambda: BaseModel(load_snapshot(

@@ -18,6 +18,9 @@ class BuildContext:
     registry: "Registry"
     suite: str  # e.g. "libero_spatial" or "bridge_v2": families pick their pre/post-processing from it
     cache: ModelCache
+    #: build the model on this device instead of the entry's own (--vla-devices: one replica per device); kinds
+    #: without a model ignore it
+    device: str | None = None
 
 
 def build_policy(spec: "CheckpointSpec", context: BuildContext) -> Policy:

@@ -1,6 +1,6 @@
 """The Policy protocol: the one seam between models and environments.
 
-A policy is batched over environment *slots*. The rollout engine runs several environments at once; each slot is one
+A policy is batched over environment *slots*. The engine (vla_bench/engine/) runs several environments at once; each slot is one
 environment, and a new episode in a slot starts with `reset(slot, seed)`. `act` receives the observations of the slots
 that are still running (in the order of `slots`) and returns one 7-dim action per slot, in the environment's action
 convention (LIBERO: OSC_POSE deltas in [-1, 1], gripper -1 open / +1 close). Model-specific pre- and post-processing

@@ -1,0 +1,289 @@
+"""The session's one scheduler: the episodes of every job on one worker pool, the GPU kept busy.
+
+A job is the episodes of one (checkpoint, suite, task) still to run and what to do with each outcome (evaluate.py
+commits it to the store). Jobs are served in the order they were added, so the first test's task finishes first;
+slots freed by a job whose queue is empty take the next job's episodes at once, so tasks overlap instead of
+running one after another, and a slot keeps its task while that task has episodes (a new task's env costs seconds).
+
+Episodes of policies that run in the main process (models) advance in lockstep *groups* of slots: slot s belongs to
+group s % groups. While one group's batch is inside `policy.act` (on the GPU), the other groups' workers simulate
+their last actions, so the GPU does not wait for the simulator and the simulator does not wait for the GPU. A group
+acts as soon as all its stepping slots have answered; slots still resetting join its next batch. Within a group,
+slots of different checkpoints are batched per policy object (one `act` per policy; checkpoints that share a base
+model share its weights through the model cache). Episodes of in-worker policies (the scripted expert, the
+controls) run whole inside their worker and only their outcome comes back.
+
+Episode outcomes do not depend on scheduling: every episode's reset seed, init state and policy state are its own.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..policies.base import SlotErrors
+from ..policies.capabilities import Capabilities, capabilities_of
+from .episode import Episode, EpisodeOutcome, EpisodeRequest
+from .pool import Answer, EnvSpec
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """The episodes of one (checkpoint, suite, task) to run. `policies`: one replica per device (episodes are spread
+    over them by slot); `on_done(outcome)` returns True to stop starting this job's episodes (curtailment); the
+    episodes in flight still finish and are reported."""
+    name: str
+    policies: Sequence
+    spec: EnvSpec
+    instruction: str
+    init_indices: Sequence[int]
+    seed_of: Callable[[int], int]
+    on_done: Callable[[EpisodeOutcome], bool | None]
+    record_frames: bool = False
+    capabilities: Capabilities = None
+
+    def __post_init__(self):
+        self.policies = list(self.policies)
+        if self.capabilities is None:
+            self.capabilities = capabilities_of(self.policies[0])
+        self.todo = collections.deque(self.init_indices)
+        self.running = 0
+        self.stopped = False
+
+    @property
+    def can_start(self) -> bool:
+        return bool(self.todo) and not self.stopped
+
+    @property
+    def finished(self) -> bool:
+        return not self.can_start and self.running == 0
+
+    def policy_for(self, slot: int):
+        return self.policies[slot % len(self.policies)]
+
+    @property
+    def transform_key(self):
+        t = self.capabilities.frame_transform
+        return None if t is None else ("transform", id(t))
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What the live view and the benchmark read: throughput and how busy the policy (the GPU) was."""
+    wall_s: float = 0.0  # time inside Scheduler.run
+    policy_s: float = 0.0  # time inside policy.act (the GPU's busy time for a model policy)
+    episodes: int = 0
+    actions: int = 0  # executed control steps, lockstep and in-worker
+    batches: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # act() sizes
+
+    @property
+    def busy(self) -> float:
+        return self.policy_s / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {"wall_s": round(self.wall_s, 3), "policy_s": round(self.policy_s, 3), "gpu_busy": round(self.busy, 4),
+                "episodes": self.episodes, "actions": self.actions,
+                "actions_per_s": round(self.actions / self.wall_s, 2) if self.wall_s else 0.0,
+                "batches": {str(k): v for k, v in sorted(self.batches.items())}}
+
+
+class Scheduler:
+    def __init__(self, pool, groups: int = 2, on_episode: Callable | None = None):
+        self.pool = pool
+        self.groups = max(1, min(groups, pool.n))
+        self.jobs: list[Job] = []
+        self.on_episode = on_episode  # called (job, outcome) after the job's own on_done: the live view
+        self.stats = EngineStats()
+        self._job_of: dict[int, Job] = {}  # slot -> job of its running episode
+        self._episode: dict[int, Episode | EpisodeRequest] = {}
+        self._resetting: set[int] = set()
+        self._stepping: set[int] = set()
+        self._waiting: set[int] = set()  # lockstep slots with an observation, waiting for their action
+        self._env_of: dict[int, EnvSpec] = {}
+        self._next_group = 0
+        self._threads = None
+        self._since = None
+
+    def add(self, job: Job) -> Job:
+        self.jobs.append(job)
+        return job
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Advance every job until `until()` holds (default: all jobs finished)."""
+        until = until or (lambda: all(j.finished for j in self.jobs))
+        started = self._since = time.perf_counter()
+        wall_before = self.stats.wall_s
+        try:
+            while not until():
+                self._fill()
+                group = self._ready_group()
+                if group is not None:
+                    self._act(group)
+                    continue
+                if not self.pool.busy:
+                    break  # nothing running and nothing to start
+                for slot, answer in self.pool.wait().items():
+                    self._answer(slot, answer)
+        finally:
+            self.stats.wall_s = wall_before + time.perf_counter() - started
+            self._since = None
+
+    def _fill(self) -> None:
+        for slot in range(self.pool.n):
+            if slot in self._job_of:
+                continue
+            job = self._pick(slot)
+            if job is None:
+                return
+            self._start(slot, job)
+
+    def _pick(self, slot: int) -> Job | None:
+        startable = [j for j in self.jobs if j.can_start]
+        if not startable:
+            return None
+        same_env = [j for j in startable if j.spec == self._env_of.get(slot)]
+        return same_env[0] if same_env else startable[0]
+
+    def _start(self, slot: int, job: Job) -> None:
+        init_index = job.todo.popleft()
+        request = EpisodeRequest(init_index, job.seed_of(init_index), job.instruction, job.spec.protocol.max_steps,
+                                 job.record_frames)
+        job.running += 1
+        self._job_of[slot] = job
+        self._env_of[slot] = job.spec
+        transform = job.capabilities.frame_transform
+        self.pool.keep(slot, job.transform_key, transform)
+        if job.capabilities.in_worker:
+            policy = job.policy_for(slot)
+            key = ("policy", id(policy))
+            self.pool.keep(slot, key, policy)
+            self._episode[slot] = request
+            self.pool.submit(slot, "episode", job.spec, key, job.transform_key, request)
+        else:
+            job.policy_for(slot).reset(slot, request.seed)
+            self._episode[slot] = Episode(request)
+            self._resetting.add(slot)
+            self.pool.submit(slot, "reset", job.spec, job.transform_key, init_index, request.seed)
+
+    def _answer(self, slot: int, answer: Answer) -> None:
+        episode = self._episode[slot]
+        if isinstance(episode, EpisodeRequest):  # a whole in-worker episode
+            outcome = answer.episode
+            if answer.error is not None or outcome is None:
+                outcome = EpisodeOutcome(episode.init_index, episode.seed, False, 0, answer.error, 0.0)
+            self.stats.actions += outcome.steps
+            self._finish(slot, outcome)
+        elif slot in self._resetting:
+            self._resetting.discard(slot)
+            if answer.error is not None:  # the episode could not even start: record it, the slot takes the next
+                self._finish(slot, episode.end(False, answer.error))
+            else:
+                episode.begin(answer.obs, answer.scene_check, renderer=answer.renderer)
+                self._waiting.add(slot)
+        else:
+            self._stepping.discard(slot)
+            if episode.advance(answer.obs, answer.done, answer.error):
+                self._finish(slot, episode.outcome)
+            else:
+                self._waiting.add(slot)
+
+    def _finish(self, slot: int, outcome: EpisodeOutcome) -> None:
+        outcome.slot = slot
+        job = self._job_of.pop(slot)
+        self._episode.pop(slot)
+        self._waiting.discard(slot)
+        job.running -= 1
+        self.stats.episodes += 1
+        if self._since is not None:  # keep wall_s current for the live view
+            now = time.perf_counter()
+            self.stats.wall_s += now - self._since
+            self._since = now
+        if job.on_done(outcome):
+            job.stopped = True
+        if self.on_episode is not None:
+            self.on_episode(job, outcome)
+
+    # ---- acting ---------------------------------------------------------------------------------------------
+    def _ready_group(self) -> int | None:
+        """The next group (round robin) whose stepping slots have all answered and that has slots to act for."""
+        for k in range(self.groups):
+            g = (self._next_group + k) % self.groups
+            if any(s % self.groups == g for s in self._stepping):
+                continue
+            if any(s % self.groups == g for s in self._waiting):
+                self._next_group = (g + 1) % self.groups
+                return g
+        return None
+
+    def _act(self, group: int) -> None:
+        slots = sorted(s for s in self._waiting if s % self.groups == group)
+        self._waiting.difference_update(slots)
+        calls: dict[int, tuple] = {}  # id(policy) -> (policy, slots)
+        for slot in slots:
+            policy = self._job_of[slot].policy_for(slot)
+            calls.setdefault(id(policy), (policy, []))[1].append(slot)
+        started = time.perf_counter()
+        if len(calls) > 1 and self._replicas():  # replicas on several devices compute at once
+            results = list(self._pool_threads().map(lambda c: self._call(*c), calls.values()))
+        else:
+            results = [self._call(*c) for c in calls.values()]
+        self.stats.policy_s += time.perf_counter() - started
+        for planned, failed in results:
+            for slot, message in failed.items():
+                self._finish(slot, self._episode[slot].end(False, message))
+            for slot, action in planned.items():
+                episode = self._episode[slot]
+                if episode.check(action):
+                    self._stepping.add(slot)
+                    self.pool.submit(slot, "step", self._job_of[slot].spec, self._job_of[slot].transform_key,
+                                     episode.executed(action))
+                else:
+                    self._finish(slot, episode.outcome)
+
+    def _call(self, policy, slots: list[int]) -> tuple[dict, dict]:
+        """One policy's batch: ({slot: action}, {slot: error message})."""
+        observations = [self._episode[s].obs for s in slots]
+        instructions = [self._job_of[s].instruction for s in slots]
+        self.stats.batches[len(slots)] += 1
+        try:
+            actions = np.asarray(policy.act(observations, instructions, slots))
+        except SlotErrors as e:  # e.g. a remote server lost mid-episode: those episodes are errors, not failures
+            return {s: a for s, a in e.actions.items() if s not in e.errors}, dict(e.errors)
+        if actions.shape != (len(slots), 7):  # no row can be trusted to belong to its slot
+            return {}, {s: f"policy returned actions of shape {actions.shape} at step {self._episode[s].steps + 1} "
+                           f"for {len(slots)} environments, expected ({len(slots)}, 7)" for s in slots}
+        return {s: actions[k] for k, s in enumerate(slots)}, {}
+
+    def _replicas(self) -> bool:
+        return any(len(j.policies) > 1 for j in self.jobs)
+
+    def _pool_threads(self) -> ThreadPoolExecutor:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max(len(j.policies) for j in self.jobs))
+        return self._threads
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown()
+
+
+def run_episodes(policy, pool, protocol, task_index: int, instruction: str, init_indices: Sequence[int],
+                 on_done: Callable[[EpisodeOutcome], bool | None], record_frames: bool = False,
+                 groups: int = 1) -> EngineStats:
+    """One task's episodes on `pool` (a convenience over Scheduler for one job; the session uses Scheduler)."""
+    capabilities = capabilities_of(policy)
+    spec = EnvSpec(protocol, task_index, capabilities.rendered_cameras + (("agentview",) if record_frames and
+                   "agentview" not in capabilities.rendered_cameras else ()), capabilities.privileged)
+    scheduler = Scheduler(pool, groups)
+    scheduler.add(Job(f"{protocol.suite} task{task_index + 1}", [policy], spec, instruction, init_indices,
+                      lambda i: protocol.episode_seed(task_index, i), on_done, record_frames, capabilities))
+    try:
+        scheduler.run()
+    finally:
+        scheduler.close()
+    return scheduler.stats

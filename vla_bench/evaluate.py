@@ -13,6 +13,7 @@ from typing import Callable
 
 from .envs.tasks import suite_tasks
 from .envs.vector import VectorLiberoEnv
+from .metrics.episode_figures import TaskFigures, task_figures
 from .metrics.intervals import wilson_interval
 from .policies.base import Policy
 from .policies.capabilities import capabilities_of
@@ -41,6 +42,8 @@ class TaskResult:
     #: 'init I: what differs' for each episode whose settled scene differs from the reference stack's
     scene_mismatches: list = dataclasses.field(default_factory=list)
     first_error: str | None = None  # the first errored episode's message (simulator or policy)
+    #: what happened inside the episodes: mean action figures and failures by stop reason (metrics/episode_figures)
+    episode_figures: TaskFigures | None = None
 
     @property
     def saved(self) -> int:
@@ -84,6 +87,7 @@ def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_in
                       scene_mismatches=[f"init {r.init_index}: {r.scene_check.partition(': ')[2]}" for r in records
                                         if (r.scene_check or "").startswith("mismatch")],
                       first_error=next((r.error for r in records if r.error is not None), None),
+                      episode_figures=task_figures(measured),
                       _outcomes={r.init_index: r.success for r in measured})
 
 
@@ -115,6 +119,7 @@ class EvalSettings:
     video_dir: Path = Path("videos")
     video_format: str = "mp4"
     device: str | None = None  # recorded with each row; None: the policy's own (`device_description`)
+    trajectories: bool = False  # store each episode's per-step trajectory beside its row (--vla-trajectories)
 
 
 def evaluate_task(policy: Policy, spec: CheckpointSpec, identity: str, protocol: Protocol, task_index: int,

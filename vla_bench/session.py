@@ -180,7 +180,8 @@ def session_from_options(registry: Registry, values: OptionValues) -> EvalSessio
             raise VlaBenchError(f"{values.flag('data')} {item!r}: expected SUITE=PATH, e.g. bridge_v2=/data/bridge")
         data_overrides[suite] = path
     settings = EvalSettings(workers=values("workers") or default_workers(), video=values("video"),
-                            video_dir=Path(values("video-dir")), video_format=values("video-format"))
+                            video_dir=Path(values("video-dir")), video_format=values("video-format"),
+                            trajectories=values("trajectories"))
     session = EvalSession(registry, ResultsStore(Path(values("results"))), settings, values("episodes"),
                           values("max-steps"), compare=values("compare"), gate=gate, curtail=values("curtail"),
                           baselines_dir=Path(values("baselines")))

@@ -6,13 +6,14 @@ gives an `EpisodeSummary` whose fields are the results store's columns of the sa
 
 - arm_magnitude: the mean L2 norm of the arm action a[0:6] (LIBERO's OSC_POSE deltas, each in [-1, 1]);
 - near_zero: the fraction of steps whose six arm values all lie inside the open-loop suites' dead zone
-  (`ARM_DEAD_ZONE`), so a policy collapsing to "no motion" shows in closed loop as it does in open loop;
+  (metrics/episode_figures.py: ARM_DEAD_ZONE), so a collapse to "no motion" shows in closed loop as in open loop;
 - gripper_switches: how often the sign of the gripper command a[6] changes (LIBERO: -1 open, +1 close);
 - stop_reason: why the episode ended ("success", "error", or for a failure: the expert's last phase, else
   "left workspace", "stalled", "out of steps").
 
-`action_figures(actions)` computes the first three from a whole (T, 7) array; the demonstrations' figures in the
-summary table come from it (report.py), and `EpisodeTrace.finish` agrees with it on the same actions (tests).
+The statistics are defined once, over whole arrays, in metrics/episode_figures.py (the demonstrations' figures in
+the summary come from there); the trace keeps running sums of the same quantities and agrees with
+`action_figures` on the same actions (tests).
 
 With keep_steps the trace also keeps every step's action, end-effector position, quaternion (xyzw) and gripper finger
 positions; `to_blob` packs them with NumPy's compressed npz (a documented, versioned format every NumPy reads, so a
@@ -29,14 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..metrics.action_metrics import dead_zone_from_stats
-
-#: LIBERO's action space: every arm dim in [-1, 1] (action_spec); the bounds the dead zone is read from
-ARM_LOW, ARM_HIGH = -np.ones(6), np.ones(6)
-#: "no motion" per arm dim: the open-loop near-zero metric's own rule (`dead_zone_from_stats`) over LIBERO's action
-#: range, i.e. two of OpenVLA's 256 action bins, 4/255 ~ 0.0157. One rule for open and closed loop, so the figures
-#: compare; the demonstrations' near-zero fraction in the summary is read with the same zone.
-ARM_DEAD_ZONE = dead_zone_from_stats(ARM_LOW, ARM_HIGH)
+from ..metrics.episode_figures import near_zero_steps
 
 #: A failed episode "stalled" when its end effector stayed within STALL_DISTANCE of its final position over the last
 #: STALL_STEPS steps. 20 steps are 1 s of LIBERO's 20 Hz control; a saturated arm action moves the hand ~1.1 cm per
@@ -66,15 +60,6 @@ SUCCESS, ERROR, LEFT_WORKSPACE, STALLED, OUT_OF_STEPS = "success", "error", "lef
 
 
 @dataclasses.dataclass(frozen=True)
-class ActionFigures:
-    """The action statistics of one episode, or their means over several (then gripper_switches is a mean too)."""
-
-    arm_magnitude: float
-    near_zero: float
-    gripper_switches: float
-
-
-@dataclasses.dataclass(frozen=True)
 class EpisodeSummary:
     """What the episode loop records beside the outcome: the fields are EpisodeRecord's columns of the same name
     (`EpisodeRecord(..., **dataclasses.asdict(summary))`). The figures are None for an episode of no steps."""
@@ -83,46 +68,6 @@ class EpisodeSummary:
     near_zero: float | None
     gripper_switches: int
     stop_reason: str
-
-
-def arm_norms(actions) -> np.ndarray:
-    """The L2 norm of each step's arm action a[0:6]."""
-    return np.linalg.norm(np.asarray(actions, dtype=np.float64)[:, :6], axis=1)
-
-
-def near_zero_steps(actions) -> np.ndarray:
-    """Per step: True when all six arm values are inside ARM_DEAD_ZONE."""
-    arm = np.asarray(actions, dtype=np.float64)[:, :6]
-    return np.all(np.abs(arm) <= ARM_DEAD_ZONE, axis=1)
-
-
-def gripper_signs(commands) -> np.ndarray:
-    """The signs of the gripper commands, with a zero command (no sign) dropped: a switch is open -> close or
-    close -> open, and a model passing through exactly 0 on the way has switched once, not twice."""
-    signs = np.sign(np.asarray(commands, dtype=np.float64))
-    return signs[signs != 0]
-
-
-def count_switches(signs: np.ndarray) -> int:
-    return int(np.count_nonzero(signs[1:] != signs[:-1]))
-
-
-def action_figures(actions) -> ActionFigures | None:
-    """The statistics of a (T, 7) action array (an executed episode, or a demonstration); None when T = 0."""
-    actions = np.asarray(actions, dtype=np.float64).reshape(-1, 7)
-    if not len(actions):
-        return None
-    return ActionFigures(float(arm_norms(actions).mean()), float(near_zero_steps(actions).mean()),
-                         count_switches(gripper_signs(actions[:, 6])))
-
-
-def mean_figures(figures) -> ActionFigures | None:
-    """The mean of several episodes' figures (episodes without figures left out); None when there are none."""
-    figures = [f for f in figures if f is not None]
-    if not figures:
-        return None
-    return ActionFigures(*(float(np.mean([getattr(f, field.name) for f in figures]))
-                           for field in dataclasses.fields(ActionFigures)))
 
 
 class EpisodeTrace:

@@ -308,3 +308,29 @@ def test_demonstration_figures_come_from_the_suites_dataset_matched_by_instructi
     registry = Registry.load(checkpoints_file('default = "expert"\n[checkpoints.expert]\nkind = "scripted"\n',
                                               name="plain.toml"))
     assert task_demonstration_figures(registry, results) == ({}, [])
+
+
+# ---- against the simulator ------------------------------------------------------------------------------------
+@pytest.mark.sim
+def test_real_observations_a_still_arm_stalls_and_a_runaway_arm_leaves_the_workspace():
+    """On LIBERO itself: the observations carry the pose the trace reads, an arm given no motion settles within
+    STALL_DISTANCE (so it reads as stalled), and one driven sideways at full speed leaves the box."""
+    from vla_bench.envs.libero import LiberoTaskEnv
+    from vla_bench.protocol import reference_protocol
+
+    protocol = reference_protocol("libero_spatial")
+    env = LiberoTaskEnv(protocol, 0)
+    try:
+        for action, steps, reason in ((np.r_[np.zeros(6), -1.0], 30, "stalled"),
+                                      (np.r_[0.0, 1.0, np.zeros(4), -1.0], 60, "left workspace")):
+            o = env.reset(0, protocol.episode_seed(0, 0))
+            trace = EpisodeTrace(keep_steps=True)
+            for _ in range(steps):
+                trace.add(action, o)
+                o, _done = env.step(action)
+            assert trace.finish(False, steps, steps, None).stop_reason == reason
+            arrays = EpisodeTrace.from_blob(trace.to_blob())
+            assert all(np.isfinite(a).all() for a in arrays.values())
+            assert arrays["eef_pos"][0] == pytest.approx(START, abs=0.03)
+    finally:
+        env.close()

@@ -52,7 +52,8 @@ WORKSPACE_LOW = np.array([-0.32, -0.50, -0.40])
 WORKSPACE_HIGH = np.array([0.50, 0.50, 0.35])
 
 #: the observation keys read per step, with their sizes (LIBERO / robosuite names; quaternions are xyzw)
-_OBS_KEYS = {"eef_pos": ("robot0_eef_pos", 3), "eef_quat": ("robot0_eef_quat", 4), "gripper": ("robot0_gripper_qpos", 2)}
+_OBS_KEYS = {"eef_pos": ("robot0_eef_pos", 3), "eef_quat": ("robot0_eef_quat", 4),
+             "gripper": ("robot0_gripper_qpos", 2)}
 #: the arrays of a stored trajectory and their widths (all float32)
 TRAJECTORY_ARRAYS = {"actions": 7, **{name: size for name, (_, size) in _OBS_KEYS.items()}}
 

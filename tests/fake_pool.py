@@ -3,7 +3,10 @@
 A test's fake env answers whole batches, `reset({slot: (init_index, seed)})` and `step({slot: action})`, each
 returning {slot: Answer}. FakePool gives it the pool's asynchronous interface: commands submitted between two
 `wait` calls are answered together, as one reset batch and one step batch, so a scheduler with one group calls the
-fake env once per lockstep step, as the engine steps a real pool.
+fake env once per lockstep step, as the engine steps a real pool. Commands submitted earlier are answered
+earlier: one `wait` answers the oldest round of submissions only (what a real pool does when every command takes
+the same time). A round ends at each `wait` and at each `tick()`, which a test calls where time passes (inside a
+policy's act), so a second group's commands are still in flight when the first group's answers come back.
 """
 import numpy as np
 
@@ -17,6 +20,8 @@ class FakePool:
         self.env = env
         self.n = n if n is not None else env.n
         self._pending: dict[int, tuple] = {}
+        self._round: dict[int, int] = {}  # slot -> the wait() count when its command was submitted
+        self._waits = 0
         self._kept: dict = {}
         self.closed = False
 
@@ -27,13 +32,21 @@ class FakePool:
     def submit(self, slot, command, spec, *args):
         assert slot not in self._pending, f"slot {slot} already has a command in flight"
         self._pending[slot] = (command, spec, args)
+        self._round[slot] = self._waits
+
+    def tick(self):
+        self._waits += 1
 
     @property
     def busy(self):
         return set(self._pending)
 
     def wait(self, slots=None, timeout=None):
-        pending, self._pending = self._pending, {}
+        self._waits += 1
+        oldest = min((self._round[s] for s in self._pending), default=None)
+        pending = {s: p for s, p in self._pending.items() if self._round[s] == oldest}
+        for slot in pending:
+            del self._pending[slot]
         resets = {s: (args[1], args[2]) for s, (c, _, args) in pending.items() if c == "reset"}
         steps = {s: args[1] for s, (c, _, args) in pending.items() if c == "step"}
         answers = {}

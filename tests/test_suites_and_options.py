@@ -93,7 +93,8 @@ def test_the_plugin_and_vla_bench_run_declare_the_same_options_with_the_same_def
     as_plugin = OptionValues(lambda dest: dest, prefix="vla-")
     as_cli = OptionValues(lambda dest: dest, prefix="")
     for name in ("results", "baselines", "alpha", "compare-fail", "strict", "workers", "data", "save", "compare",
-                 "curtail", "sequential", "strict-sim", "episodes", "max-steps", "checkpoint", "video", "video-dir"):
+                 "curtail", "sequential", "strict-sim", "trajectories", "episodes", "max-steps", "checkpoint", "video",
+                 "video-dir"):
         plugin_flag, cli_flag = as_plugin.flag(name), as_cli.flag(name)
         assert plugin.options[plugin_flag] == cli.options[cli_flag], name
     assert as_plugin.flag("alpha") == "--vla-alpha" and as_cli.flag("compare-fail") == "--fail"

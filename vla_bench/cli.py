@@ -28,7 +28,7 @@ def _registry(args):
 
 @command("report", "print the results table from a results store")
 def report(args) -> int:
-    from .report import print_table, results_from_records, task_table
+    from .report import closed_loop_summary, print_table, results_from_records
     from .results import ResultsStore
 
     path = Path(args.results)
@@ -49,7 +49,10 @@ def report(args) -> int:
         for row in rows:
             if row.checkpoint in registry.checkpoints:
                 row.threshold = registry.threshold(registry.checkpoints[row.checkpoint], row.suite, row.task_id)
-    print_table(task_table(rows, title=f"vla-bench: {path}"))
+    table, notes = closed_loop_summary(rows, registry, title=f"vla-bench: {path}")
+    print_table(table)
+    for note in notes:
+        print(f"vla-bench: {note}")
     return 0
 
 
@@ -85,8 +88,8 @@ def run(args) -> int:
     """0 when every task (or gated metric) passes and no gate fails, 1 otherwise."""
     from .envs.tasks import check_episodes, parse_task_id, suite_tasks
     from .options import OptionValues, check_values
-    from .report import describe_figure, describe_gate, describe_scene_mismatch, describe_task, gate_table, \
-        print_table, proxy_table, task_table
+    from .report import closed_loop_summary, describe_figure, describe_gate, describe_scene_mismatch, \
+        describe_task, gate_table, print_table, proxy_table
     from .session import session_from_options
     from .suites import get_suite
 
@@ -115,7 +118,10 @@ def run(args) -> int:
                     if result.gate is not None:
                         print(describe_gate(result))
                         failed |= session.gate.fails(result.gate.verdict)
-            print_table(task_table(session.results))
+            table, notes = closed_loop_summary(session.results, registry, session.data_overrides)
+            print_table(table)
+            for note in notes:
+                print(f"vla-bench: {note}")
             if session.compare is not None:
                 verdicts = session.suite_verdicts()
                 print_table(gate_table(session.results, verdicts))

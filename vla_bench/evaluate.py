@@ -16,6 +16,7 @@ from .envs.tasks import suite_tasks
 from .engine.episode import EpisodeOutcome
 from .engine.pool import EnvSpec, WorkerPool
 from .engine.scheduler import Job, Scheduler
+from .metrics.episode_figures import TaskFigures, task_figures
 from .metrics.intervals import wilson_interval
 from .policies.base import Policy
 from .policies.capabilities import capabilities_of
@@ -43,6 +44,8 @@ class TaskResult:
     #: 'init I: what differs' for each episode whose settled scene differs from the reference stack's
     scene_mismatches: list = dataclasses.field(default_factory=list)
     first_error: str | None = None  # the first errored episode's message (simulator or policy)
+    #: what happened inside the episodes: mean action figures and failures by stop reason (metrics/episode_figures)
+    episode_figures: TaskFigures | None = None
 
     @property
     def saved(self) -> int:
@@ -86,6 +89,7 @@ def summarize(records: list[EpisodeRecord], checkpoint: str, suite: str, task_in
                       scene_mismatches=[f"init {r.init_index}: {r.scene_check.partition(': ')[2]}" for r in records
                                         if (r.scene_check or "").startswith("mismatch")],
                       first_error=next((r.error for r in records if r.error is not None), None),
+                      episode_figures=task_figures(measured),
                       _outcomes={r.init_index: r.success for r in measured})
 
 
@@ -122,6 +126,7 @@ class EvalSettings:
     #: one model replica per device (--vla-devices); empty: the checkpoint entry's own device
     devices: list = dataclasses.field(default_factory=list)
     engine_stats: Path | None = None  # where to write the engine's figures as JSON when the session closes
+    trajectories: bool = False  # store each episode's per-step trajectory beside its row (--vla-trajectories)
 
 
 class TaskRun:
@@ -162,7 +167,8 @@ class TaskRun:
         self.devices = [settings.device or device_description(p) for p in self.policies]
         self.job = Job(f"{spec.name} {protocol.suite} {self.task.task_id}", self.policies,
                        EnvSpec(protocol, task_index, cameras, capabilities.privileged), self.task.language, todo,
-                       lambda i: protocol.episode_seed(task_index, i), self._on_done, record_frames, capabilities)
+                       lambda i: protocol.episode_seed(task_index, i), self._on_done, record_frames, capabilities,
+                       settings.trajectories)
 
     def _measured(self) -> dict[int, bool]:
         return {i: r.success for i, r in self.records.items() if r.error is None}
@@ -184,8 +190,9 @@ class TaskRun:
                                outcome.steps, outcome.error, outcome.wall_s, self.versions,
                                outcome.renderer or "unknown (the episode ended before its reset answered)",
                                self.devices[replica], video, scene_check=outcome.scene_check,
-                               workers=self.settings.workers, replica=replica)
-        self.store.add(record)
+                               workers=self.settings.workers, replica=replica,
+                               **(dataclasses.asdict(outcome.summary) if outcome.summary else {}))
+        self.store.add(record, trajectory=outcome.trajectory)
         self.records[outcome.init_index] = record
         if self.progress:
             self.progress(outcome, len(self.records), self.protocol.episodes)

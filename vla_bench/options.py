@@ -77,6 +77,9 @@ def add_run_options(addoption: AddOption, prefix: str = "vla-") -> None:
               help="group-sequential gate with LOOKS equally spaced looks: stops a task once a look decides")
     addoption(f"--{prefix}strict-sim", action="store_true",
               help="a settled scene that differs from the reference stack's fails the task (default: a warning)")
+    addoption(f"--{prefix}trajectories", action="store_true",
+              help="also store each episode's per-step trajectory (executed action, end-effector pose, gripper) "
+                   "beside its row in the results store")
 
 
 def add_video_options(addoption: AddOption) -> None:

@@ -523,13 +523,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         return
     from rich.console import Console
 
-    from .report import proxy_table, robustness_table, task_table
+    from .report import closed_loop_summary, proxy_table, robustness_table
 
     console = Console(file=terminalreporter._tw._file, force_terminal=terminalreporter._tw.hasmarkup,
                       width=max(terminalreporter._tw.fullwidth, 220))
     terminalreporter.section("vla-bench")
     if session.results:
-        console.print(task_table(session.results))
+        table, notes = closed_loop_summary(session.results, session.registry, session.data_overrides)
+        console.print(table)
+        for note in notes:
+            terminalreporter.write_line(f"vla-bench: {note}", yellow=True)
     if session.robustness_results:
         console.print(robustness_table(session.robustness_results))
     if session.proxy_results:

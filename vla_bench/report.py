@@ -1,12 +1,13 @@
 """Rich tables of results: the pytest terminal summary and `vla-bench report` print the same table."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from rich.console import Console
 from rich.table import Table
 
 from .evaluate import TaskResult, summarize
+from .metrics.episode_figures import ActionFigures
 from .results import EpisodeRecord
 from .thresholds import describe as describe_threshold
 
@@ -15,20 +16,59 @@ def verdict_text(passed: bool | None) -> str:
     return {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]-[/]"}[passed]
 
 
-def task_table(results: Iterable[TaskResult], title: str = "vla-bench: closed-loop success") -> Table:
+#: the action-figure columns: (header, ActionFigures field, format)
+_ACTION_COLUMNS = (("arm |a|", "arm_magnitude", "{:.3f}"), ("near-zero", "near_zero", "{:.0%}"),
+                   ("gripper sw.", "gripper_switches", "{:.1f}"))
+
+
+def task_table(results: Iterable[TaskResult], title: str = "vla-bench: closed-loop success",
+               demonstrations: Mapping[tuple[str, int], ActionFigures] | None = None) -> Table:
+    """One row per task. Beside the success figures: the episodes' mean arm-action magnitude, fraction of
+    near-zero arm actions and gripper switches (metrics/episode_figures.py), with the demonstrations' own figures
+    in brackets where `demonstrations` ({(suite, task index): figures}, demonstrations.py) knows the task, and
+    the failed episodes counted by how they stopped."""
+    results = list(results)
+    demonstrations = demonstrations or {}
     table = Table(title=title, title_justify="left")
+    shown_demos = any((r.suite, r.task_index) in demonstrations for r in results)
+    action_headers = [header + (" (demos)" if shown_demos else "") for header, _, _ in _ACTION_COLUMNS]
     for column, justify in (("suite", "left"), ("task", "left"), ("checkpoint", "left"), ("successes", "right"),
                             ("rate", "right"), ("95% Wilson", "right"), ("threshold", "right"),
                             ("verdict", "center"), ("mean steps", "right"), ("errors", "right"),
+                            *((h, "right") for h in action_headers), ("failures by stop", "left"),
                             ("wall", "right")):
         table.add_column(column, justify=justify, no_wrap=True)
     for r in results:
         low, high = r.interval
+        figures = r.episode_figures
+        demo = demonstrations.get((r.suite, r.task_index))
         table.add_row(r.suite, r.task_id, r.checkpoint, f"{r.successes}/{r.episodes}", f"{r.rate:.1%}",
                       f"[{low:.1%}, {high:.1%}]", describe_threshold(r.threshold), verdict_text(r.passed),
                       "-" if r.mean_steps is None else f"{r.mean_steps:.1f}", str(r.errors),
+                      *(_figure_cell(figures.actions if figures else None, demo, field, fmt)
+                        for _, field, fmt in _ACTION_COLUMNS),
+                      figures.describe_stops() if figures else "-",
                       f"{r.wall_s:.0f} s" + (f" ({r.resumed} resumed)" if r.resumed else ""))
     return table
+
+
+def closed_loop_summary(results: Iterable[TaskResult], registry=None, data_overrides: Mapping[str, str] | None = None,
+                        title: str = "vla-bench: closed-loop success") -> tuple[Table, list[str]]:
+    """The task table with the demonstrations' figures that the checkpoints file (`registry`, when there is one)
+    points to, and notes on demonstration files that could not be read: the pytest summary, `vla-bench run` and
+    `vla-bench report` all print this."""
+    results = list(results)
+    demonstrations, notes = {}, []
+    if registry is not None:
+        from .demonstrations import task_demonstration_figures
+
+        demonstrations, notes = task_demonstration_figures(registry, results, data_overrides)
+    return task_table(results, title, demonstrations), notes
+
+
+def _figure_cell(figures: ActionFigures | None, demo: ActionFigures | None, field: str, fmt: str) -> str:
+    cell = "-" if figures is None else fmt.format(getattr(figures, field))
+    return cell if demo is None else f"{cell} ({fmt.format(getattr(demo, field))})"
 
 
 def proxy_table(results: dict, title: str = "vla-bench: open-loop proxy metrics") -> Table:

@@ -44,6 +44,15 @@ CREATE TABLE IF NOT EXISTS episodes (
     scene_check    TEXT,
     PRIMARY KEY (identity, suite, task_index, protocol_key, init_index)
 );
+CREATE TABLE IF NOT EXISTS trajectories (
+    identity     TEXT NOT NULL,
+    suite        TEXT NOT NULL,
+    task_index   INTEGER NOT NULL,
+    protocol_key TEXT NOT NULL,
+    init_index   INTEGER NOT NULL,
+    data         BLOB NOT NULL,
+    PRIMARY KEY (identity, suite, task_index, protocol_key, init_index)
+);
 CREATE TABLE IF NOT EXISTS proxy_figures (
     checkpoint  TEXT NOT NULL,
     identity    TEXT NOT NULL,
@@ -87,11 +96,19 @@ class EpisodeRecord:
     scene_check: str | None = None
     workers: int | None = None  # simulator workers of the session that ran it
     replica: int | None = None  # which model replica (index into --vla-devices) computed its actions
+    # what happened inside the episode (engine/trace.py: EpisodeSummary); None in rows written before they existed
+    arm_magnitude: float | None = None  # mean L2 norm of the arm action a[0:6]
+    near_zero: float | None = None  # fraction of steps with every arm value in the dead zone
+    gripper_switches: int | None = None  # sign changes of the gripper command a[6]
+    stop_reason: str | None = None  # 'success', 'error', 'phase: P', 'left workspace', 'stalled', 'out of steps'
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(EpisodeRecord)]
 #: columns added after the first release of the schema, with their SQL types
-_ADDED_COLUMNS = {"scene_check": "TEXT", "workers": "INTEGER", "replica": "INTEGER"}
+_ADDED_COLUMNS = {"scene_check": "TEXT", "arm_magnitude": "REAL", "near_zero": "REAL", "gripper_switches": "INTEGER",
+                  "stop_reason": "TEXT", "workers": "INTEGER", "replica": "INTEGER"}
+#: the key of an episode row, which its trajectory row shares
+_EPISODE_KEY = ("identity", "suite", "task_index", "protocol_key", "init_index")
 
 
 class ResultsStore:
@@ -138,13 +155,41 @@ class ResultsStore:
             raise VlaBenchError(f"{self.path}: not a vla-bench results store (no episodes table with vla-bench's "
                                 "columns); pytest writes one with --vla-results PATH")
 
-    def add(self, record: EpisodeRecord) -> None:
+    def add(self, record: EpisodeRecord, trajectory: bytes | None = None) -> None:
+        """Commit one episode's row and, when given, its per-step trajectory (EpisodeTrace.to_blob) in one
+        transaction: a kill never leaves a row without the trajectory it was written with, or the reverse. A row
+        that replaces an earlier one (a retried error) drops the earlier row's trajectory."""
         values = dataclasses.asdict(record)
         for key in ("protocol", "versions"):
             values[key] = json.dumps(values[key], sort_keys=True)
         values["success"] = int(values["success"])
-        self.db.execute(f"INSERT OR REPLACE INTO episodes ({', '.join(_COLUMNS)}) "
-                        f"VALUES ({', '.join('?' * len(_COLUMNS))})", [values[c] for c in _COLUMNS])
+        key = [values[c] for c in _EPISODE_KEY]
+        where = " AND ".join(f"{c} = ?" for c in _EPISODE_KEY)
+        self.db.execute("BEGIN IMMEDIATE")  # take the write lock first: concurrent writers queue, never deadlock
+        try:
+            self.db.execute(f"INSERT OR REPLACE INTO episodes ({', '.join(_COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(_COLUMNS))})", [values[c] for c in _COLUMNS])
+            self.db.execute(f"DELETE FROM trajectories WHERE {where}", key)
+            if trajectory is not None:
+                self.db.execute(f"INSERT INTO trajectories ({', '.join(_EPISODE_KEY)}, data) VALUES (?,?,?,?,?,?)",
+                                [*key, sqlite3.Binary(trajectory)])
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def trajectory(self, identity: str, suite: str, task_index: int, protocol_key: str,
+                   init_index: int) -> dict | None:
+        """The stored per-step arrays of one episode (EpisodeTrace.from_blob: actions, eef_pos, eef_quat, gripper),
+        or None when the episode was run without --vla-trajectories (or the store predates them)."""
+        from .engine.trace import EpisodeTrace
+
+        if "trajectories" not in self._tables():  # a store written before trajectories, opened read-only
+            return None
+        where = " AND ".join(f"{c} = ?" for c in _EPISODE_KEY)
+        row = self.db.execute(f"SELECT data FROM trajectories WHERE {where}",
+                              (identity, suite, task_index, protocol_key, init_index)).fetchone()
+        return None if row is None else EpisodeTrace.from_blob(bytes(row[0]))
 
     def finished(self, identity: str, suite: str, task_index: int, protocol_key: str) -> dict[int, EpisodeRecord]:
         """The measured (error-free) episodes of one task under one protocol, by init index."""

@@ -250,7 +250,8 @@ def session_from_options(registry: Registry, values: OptionValues) -> EvalSessio
     settings = EvalSettings(workers=values("workers") or default_workers(), video=values("video"),
                             devices=parse_devices(values("devices")), groups=values("groups"),
                             engine_stats=Path(values("engine-stats")) if values("engine-stats") else None,
-                            video_dir=Path(values("video-dir")), video_format=values("video-format"))
+                            video_dir=Path(values("video-dir")), video_format=values("video-format"),
+                            trajectories=values("trajectories"))
     session = EvalSession(registry, ResultsStore(Path(values("results"))), settings, values("episodes"),
                           values("max-steps"), compare=values("compare"), gate=gate, curtail=values("curtail"),
                           baselines_dir=Path(values("baselines")))

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 import numpy as np
+
+from .trace import EpisodeSummary, EpisodeTrace, last_phase
 
 #: LIBERO's OSC_POSE actions lie in [-1, 1]; robosuite's controller clips to that range, as the reference protocol
 #: does, so values a little beyond it are executed clipped. Beyond FAR_OUT_OF_RANGE they are no policy's intent but a
@@ -53,6 +56,7 @@ class EpisodeRequest:
     record_frames: bool = False
     demo: bool = False  # collect: record the LIBERO demo arrays
     action_noise: float = 0.0  # collect: sigma of the noise on the executed arm actions (collect/episode.py)
+    trajectory: bool = False  # keep the per-step trajectory (--vla-trajectories); the figures are always kept
 
 
 @dataclasses.dataclass
@@ -68,14 +72,19 @@ class EpisodeOutcome:
     demo: dict | None = None  # collect: a `write_libero_demos` mapping
     renderer: str | None = None  # the worker's renderer, e.g. 'egl: NVIDIA Corporation NVIDIA H200/PCIe/SSE2'
     slot: int | None = None  # the pool slot that ran it (its policy replica follows from it)
+    summary: EpisodeSummary | None = None  # action figures and why it stopped (engine/trace.py)
+    trajectory: bytes | None = None  # the per-step trajectory when requested (EpisodeTrace.to_blob)
 
 
 class Episode:
     """One running episode's state: begin with the first observation, then `check` and `executed` each action and
     `advance` with what the simulator answered, until `outcome` is set."""
 
-    def __init__(self, request: EpisodeRequest):
+    def __init__(self, request: EpisodeRequest, phase_of: Callable[[], str | None] = lambda: None):
+        """phase_of: the acting policy's phase when the episode ends (the scripted expert's; None for others)."""
         self.request = request
+        self.phase_of = phase_of
+        self.trace = EpisodeTrace(keep_steps=request.trajectory)
         self.started = time.perf_counter()
         self.steps = 0
         self.obs: dict | None = None
@@ -113,6 +122,7 @@ class Episode:
             run = perturb(action, self.request.action_noise, self._rng)
         if self._demo is not None:
             self._demo.add(self.obs, action, run, sim_state)
+        self.trace.add(run, self.obs)
         return run
 
     def advance(self, obs: dict | None, done: bool, error: str | None = None) -> bool:
@@ -132,16 +142,18 @@ class Episode:
 
     def end(self, success: bool, error: str | None = None) -> EpisodeOutcome:
         if self.outcome is None:
+            summary = self.trace.finish(success, self.steps, self.request.max_steps, error, self.phase_of())
             self.outcome = EpisodeOutcome(
                 self.request.init_index, self.request.seed, success, self.steps, error,
                 time.perf_counter() - self.started, self.frames, self.scene_check,
-                self._demo.result() if self._demo is not None and error is None else None, self.renderer)
+                self._demo.result() if self._demo is not None and error is None else None, self.renderer,
+                summary=summary, trajectory=self.trace.to_blob())
         return self.outcome
 
 
 def run_in_worker(env, policy, request: EpisodeRequest, transform=None) -> EpisodeOutcome:
     """A whole episode inside a simulator worker, with the worker's own copy of an in-worker policy (see pool.py)."""
-    episode = Episode(request)
+    episode = Episode(request, lambda: last_phase(policy, 0))
     policy.reset(0, request.seed)
     if request.init_index is None:
         obs, init_state = env.reset_random(request.seed)

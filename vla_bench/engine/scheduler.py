@@ -27,7 +27,7 @@ import numpy as np
 
 from ..policies.base import SlotErrors
 from ..policies.capabilities import Capabilities, capabilities_of
-from .episode import Episode, EpisodeOutcome, EpisodeRequest
+from .episode import Episode, EpisodeOutcome, EpisodeRequest, last_phase
 from .pool import Answer, EnvSpec
 
 
@@ -45,6 +45,7 @@ class Job:
     on_done: Callable[[EpisodeOutcome], bool | None]
     record_frames: bool = False
     capabilities: Capabilities = None
+    trajectories: bool = False  # keep each episode's per-step trajectory
 
     def __post_init__(self):
         self.policies = list(self.policies)
@@ -152,7 +153,7 @@ class Scheduler:
     def _start(self, slot: int, job: Job) -> None:
         init_index = job.todo.popleft()
         request = EpisodeRequest(init_index, job.seed_of(init_index), job.instruction, job.spec.protocol.max_steps,
-                                 job.record_frames)
+                                 job.record_frames, trajectory=job.trajectories)
         job.running += 1
         self._job_of[slot] = job
         self._env_of[slot] = job.spec
@@ -165,8 +166,9 @@ class Scheduler:
             self._episode[slot] = request
             self.pool.submit(slot, "episode", job.spec, key, job.transform_key, request)
         else:
-            job.policy_for(slot).reset(slot, request.seed)
-            self._episode[slot] = Episode(request)
+            policy = job.policy_for(slot)
+            policy.reset(slot, request.seed)
+            self._episode[slot] = Episode(request, lambda: last_phase(policy, slot))
             self._resetting.add(slot)
             self.pool.submit(slot, "reset", job.spec, job.transform_key, init_index, request.seed)
 
@@ -240,6 +242,7 @@ class Scheduler:
                 episode = self._episode[slot]
                 if episode.check(action):
                     self._stepping.add(slot)
+                    self.stats.actions += 1
                     self.pool.submit(slot, "step", self._job_of[slot].spec, self._job_of[slot].transform_key,
                                      episode.executed(action))
                 else:

@@ -40,3 +40,12 @@ class SlotErrors(Exception):
         super().__init__("; ".join(f"slot {s}: {m}" for s, m in sorted(errors.items())))
         self.errors = dict(errors)
         self.actions = dict(actions)
+
+
+@runtime_checkable
+class ReportsPhase(Protocol):
+    """A policy that knows which phase of its plan each slot's episode is in (the scripted expert): a failed
+    episode's summary names the phase it stopped in (engine/trace.py: `last_phase`)."""
+
+    def phase(self, slot: int) -> str:
+        """The phase of the slot's current (or, until its next reset, last) episode."""

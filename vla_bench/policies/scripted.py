@@ -157,7 +157,8 @@ class ScriptedExpert:
         return actions
 
     def phase(self, slot: int) -> str:
-        """The current phase of the slot's episode (for logs and tests)."""
+        """The phase of the slot's episode: the current one's, or the last one's until the slot's next reset (a failed
+        episode's stop reason reads it after the episode ended: engine/trace.py `last_phase`)."""
         ep = self._episodes.get(slot)
         return ep.phase if ep else "none"
 

@@ -1,0 +1,184 @@
+"""The session scheduler (engine/scheduler.py) on a stand-in simulator: outcomes do not depend on scheduling, jobs
+of several tasks and checkpoints interleave into the rows they give one by one, groups overlap, and a stopped job
+starts nothing more."""
+import hashlib
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from tests.fake_pool import FakePool
+from vla_bench.engine.pool import Answer, EnvSpec
+from vla_bench.engine.scheduler import Job, Scheduler
+from vla_bench.policies.capabilities import Capabilities
+from vla_bench.protocol import reference_protocol
+
+MAX_STEPS = 12
+
+
+def _digest(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+class ChaoticEnv:
+    """Each slot runs its own episode; the observation is a hash of the task, init state, seed and every action so
+    far, and the episode succeeds when that hash says so: an outcome depends on exactly the actions it received."""
+
+    def __init__(self, n):
+        self.n = n
+        self.state = {}
+        self.batches = []  # slots stepped together
+
+    def _obs(self, slot):
+        task, init, seed, history = self.state[slot]
+        return {"value": _digest(task, init, seed, history), "task": task}
+
+    def reset_task(self, slot, task, init_index, seed):
+        self.state[slot] = (task, init_index, seed, ())
+        return Answer(self._obs(slot), scene_check="match", renderer="fake")
+
+    def step(self, actions):
+        self.batches.append(sorted(actions))
+        out = {}
+        for slot, action in actions.items():
+            task, init, seed, history = self.state[slot]
+            self.state[slot] = (task, init, seed, history + (tuple(np.round(action, 6)),))
+            obs = self._obs(slot)
+            out[slot] = Answer(obs, done=obs["value"] % 7 == 0)
+        return out
+
+
+class TaskAwarePool(FakePool):
+    """FakePool whose resets tell the env which task's spec the command named."""
+
+    def __init__(self, env, n=None):
+        super().__init__(env, n)
+        env.reset = self._reset
+
+    def _reset(self, requests):
+        return {slot: self.env.reset_task(slot, self._task[slot], *request) for slot, request in requests.items()}
+
+    def submit(self, slot, command, spec, *args):
+        self._task = getattr(self, "_task", {})
+        self._task[slot] = spec.task_index
+        super().submit(slot, command, spec, *args)
+
+
+class Reactive:
+    """A model-like policy (acts from the main process) whose action depends on its observation, its own per-slot
+    state since the episode's reset, and which checkpoint it is."""
+
+    capabilities = Capabilities()
+
+    def __init__(self, name):
+        self.name, self.memory = name, {}
+
+    def reset(self, slot, seed):
+        self.memory[slot] = seed
+
+    def act(self, observations, instructions, slots):
+        out = []
+        for obs, slot in zip(observations, slots):
+            self.memory[slot] = _digest(self.memory[slot], obs["value"], self.name)
+            rng = np.random.default_rng(self.memory[slot])
+            out.append(np.concatenate([rng.uniform(-1, 1, 6), [1.0 if rng.random() < 0.5 else -1.0]]))
+        return np.array(out)
+
+
+def run_jobs(jobs, workers, groups, order=None):
+    """{(checkpoint, task, init): (success, steps)} of the given (checkpoint, task, init indices) jobs."""
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    env = ChaoticEnv(workers)
+    scheduler = Scheduler(TaskAwarePool(env, workers), groups)
+    policies = {name: Reactive(name) for name, _, _ in jobs}
+    rows = {}
+    for k in (order or range(len(jobs))):
+        name, task, inits = jobs[k]
+
+        def on_done(outcome, name=name, task=task):
+            key = (name, task, outcome.init_index)
+            assert key not in rows, f"{key} reported twice"
+            rows[key] = (outcome.success, outcome.steps, outcome.error)
+
+        scheduler.add(Job(f"{name} task{task}", [policies[name]], EnvSpec(protocol, task), f"task {task}", inits,
+                          lambda i, task=task: protocol.episode_seed(task, i), on_done))
+    scheduler.run()
+    return rows, env, scheduler.stats
+
+
+JOBS = [("a", 0, range(6)), ("b", 0, range(6)), ("a", 3, range(5)), ("b", 3, [4, 2, 0])]
+
+
+def test_interleaved_jobs_give_the_rows_they_give_one_by_one():
+    together, _, stats = run_jobs(JOBS, workers=4, groups=2)
+    alone = {}
+    for job in JOBS:
+        alone.update(run_jobs([job], workers=1, groups=1)[0])
+    assert together == alone and len(together) == 20
+    assert {s for s, _, _ in together.values()} == {True, False}  # both outcomes occur: the test can tell them apart
+    assert stats.episodes == 20 and stats.actions == sum(steps for _, steps, _ in together.values())
+
+
+@settings(max_examples=25, deadline=None)
+@given(workers=st.integers(1, 7), groups=st.integers(1, 3), order=st.permutations(range(len(JOBS))))
+def test_outcomes_do_not_depend_on_workers_groups_or_job_order(workers, groups, order):
+    """For any number of workers and groups and any order of adding the jobs, every episode of every job is
+    reported once, with the outcome and steps it has when run alone."""
+    reference = run_jobs(JOBS, workers=1, groups=1)[0]
+    assert run_jobs(JOBS, workers, groups, list(order))[0] == reference
+
+
+def test_a_group_acts_while_the_other_groups_simulate():
+    """With two groups, every act() holds one group's slots, and while it runs the other group's steps are in
+    flight in the pool (the GPU and the simulator overlap)."""
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    pool = TaskAwarePool(ChaoticEnv(4), 4)
+    policy, calls = Reactive("a"), []
+    act = policy.act
+
+    def spy(observations, instructions, slots):
+        calls.append((set(slots), set(pool.busy)))
+        pool.tick()  # computing takes time: what was submitted before finishes first
+        return act(observations, instructions, slots)
+
+    policy.act = spy
+    scheduler = Scheduler(pool, 2)
+    scheduler.add(Job("a", [policy], EnvSpec(protocol, 0), "t", range(8), lambda i: i, lambda o: None))
+    scheduler.run()
+    assert all({s % 2 for s in slots} in ({0}, {1}) for slots, _ in calls)
+    alone = [slots for slots, busy in calls if not {s % 2 for s in busy} - {s % 2 for s in slots}]
+    assert alone == [{0, 2}], calls  # only the very first batch ran with no other group's steps in flight
+    assert 0 < scheduler.stats.busy <= 1
+
+
+def test_a_job_told_to_stop_starts_no_further_episode():
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    done = []
+    scheduler = Scheduler(TaskAwarePool(ChaoticEnv(2), 2), 1)
+    scheduler.add(Job("a", [Reactive("a")], EnvSpec(protocol, 0), "t", range(10), lambda i: i,
+                      lambda o: done.append(o.init_index) or len(done) >= 3))
+    scheduler.run()
+    assert 3 <= len(done) <= 4  # the episode in flight in the other slot still finishes
+    assert scheduler.jobs[0].finished
+
+
+def test_replicas_each_keep_their_own_slots():
+    """With two replicas, a slot's episodes always go to the same replica (its per-slot state lives there)."""
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    first, second = Reactive("a"), Reactive("a")  # same weights, two devices
+    seen = {id(first): set(), id(second): set()}
+    for policy in (first, second):
+        act = policy.act
+
+        def spy(observations, instructions, slots, policy=policy, act=act):
+            seen[id(policy)].update(slots)
+            return act(observations, instructions, slots)
+        policy.act = spy
+    rows = {}
+    scheduler = Scheduler(TaskAwarePool(ChaoticEnv(4), 4), 1)
+    scheduler.add(Job("a", [first, second], EnvSpec(protocol, 0), "t", range(6), lambda i: protocol.episode_seed(0, i),
+                      lambda o: rows.update({o.init_index: (o.success, o.steps)})))
+    scheduler.run()
+    scheduler.close()
+    assert seen[id(first)] == {0, 2} and seen[id(second)] == {1, 3}
+    alone = run_jobs([("a", 0, range(6))], workers=1, groups=1)[0]
+    assert rows == {i: (s, n) for (_, _, i), (s, n, _) in alone.items()}

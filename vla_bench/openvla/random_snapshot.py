@@ -122,7 +122,7 @@ def write_checkpoints_entry(file: str | Path, name: str, snapshot: str | Path, s
         source = str(snapshot)
     doc = tomlkit.parse(file.read_text()) if file.is_file() else tomlkit.document()
     if "default" not in doc:
-        doc.add(tomlkit.comment("written by tools/gpu/write_random_openvla.py"))
+        doc.add(tomlkit.comment("written by vla_bench/openvla/random_snapshot.py (tools/gpu/write_random_openvla.py)"))
         doc["default"] = name
     entry = tomlkit.table()
     entry["kind"] = "openvla"

@@ -59,6 +59,12 @@ class _Elementwise:
     all 32 layers (a module argument would make dynamo recompile per layer). On the CPU they run as plain ATen."""
 
     def __init__(self, compiled: bool):
+        if compiled:
+            # each chain sees the shapes of every (batch bucket, prompt bucket, prefill or decode) warm_up builds;
+            # past dynamo's default of 8 compiled versions per function it would quietly run the plain ops
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
         wrap = _compiled_or_plain if compiled else (lambda f: f)
         self.rope, self.silu_mul, self.add_rms_norm = wrap(rope_rotate), wrap(silu_mul), wrap(add_rms_norm)
 

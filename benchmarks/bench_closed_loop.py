@@ -239,6 +239,7 @@ def time_kernel(policy, instructions: list[str], batches: list[int], rounds: int
     given order until `deadline` (time.perf_counter()); the rest are reported as not timed."""
     import numpy as np
 
+    from vla_bench.openvla.fast_generator import batch_bucket
     from vla_bench.openvla.image import FrameChain
 
     rng = np.random.default_rng(0)
@@ -260,7 +261,7 @@ def time_kernel(policy, instructions: list[str], batches: list[int], rounds: int
             policy.infer(obs, texts)  # returns host numpy: the device work has finished
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
-        per_batch[str(b)] = {"ms_per_call": 1000 * seconds, "actions_per_s": b / seconds,
+        per_batch[str(b)] = {"ms_per_call": 1000 * seconds, "actions_per_s": b / seconds, "rows": batch_bucket(b),
                              "ms_min": 1000 * min(times), "ms_max": 1000 * max(times)}
         say(f"[kernel] B={b}: {1000 * seconds:.1f} ms per call, {b / seconds:.1f} actions/s")
     return {"per_batch": per_batch, "not_timed": skipped, "captures_while_timing": generator.captures - captures_before}

@@ -72,6 +72,7 @@ class OpenVLAPolicy:
         # env workers run the image chain on their own frames, in parallel (policies/base.py)
         self.observation_transform = image.FrameChain(self.suite.image_key, self.suite.flip,
                                                       self.center_crop, base.model.arch.image_size)
+        self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self.capabilities = Capabilities(images=True, frame_transform=self.observation_transform,
                                          chunk_length=self.action_repeat)
 
@@ -86,6 +87,15 @@ class OpenVLAPolicy:
 
     def frame(self, observation: dict) -> np.ndarray:
         return self.observation_transform.frame(observation)
+
+    def prompt_ids(self, instruction: str) -> tuple[int, ...]:
+        """The token ids of an instruction's prompt, tokenized once per instruction (a run repeats a few of them at
+        every step of every episode)."""
+        ids = self._prompt_ids.get(instruction)
+        if ids is None:
+            ids = tuple(self.base.snapshot.tokenizer.encode(build_prompt(instruction, self.prompt)))
+            self._prompt_ids[instruction] = ids
+        return ids
 
     def instructions(self) -> list[str]:
         """The instructions of the suite's tasks (closed-loop suites; an open-loop suite's come with its data)."""
@@ -105,8 +115,8 @@ class OpenVLAPolicy:
         texts = self.instructions() if instructions is None else list(instructions)
         if not texts:
             raise ValueError("prepare needs at least one instruction")
-        model, tok = self.base.model, self.base.snapshot.tokenizer
-        lengths = [len(tok.encode(build_prompt(text, self.prompt))) for text in texts]
+        model = self.base.model
+        lengths = [len(self.prompt_ids(text)) for text in texts]
         shape = (3 * len(model.arch.timm_model_ids), model.arch.image_size, model.arch.image_size)
         with self.base.active(self.adapter):
             return self.base.generator.warm_up(max_batch, lengths, shape, max_new_tokens=len(self.stats["q01"]),
@@ -116,13 +126,13 @@ class OpenVLAPolicy:
               ) -> Inference:
         """One model prediction per observation, as the model means it (under action_repeat k: one k-step window);
         `act` applies the execution rule."""
-        model, tok = self.base.model, self.base.snapshot.tokenizer
+        model = self.base.model
         frames = [self.frame(o) for o in observations]
-        # the frames go to the device as uint8 (a quarter of float32's bytes, a sixth of the two towers' stacked
-        # channels) and are normalized there, in the model's dtype
+        # the frames go to the device as uint8 (3 bytes a pixel; the two towers' float32 pixel values are 24) and
+        # are normalized there, in the model's dtype
         pixels = image.pixel_values_on(frames, model.arch.timm_model_ids, model.device, model.dtype,
                                        model.arch.image_size)
-        prompts = [tok.encode(build_prompt(text, self.prompt)) for text in instructions]
+        prompts = [self.prompt_ids(text) for text in instructions]
         with self.base.active(self.adapter):
             out = self.base.generator.generate(pixels, prompts, max_new_tokens=len(self.stats["q01"]),
                                                variant=self.adapter, return_logits=return_logits)

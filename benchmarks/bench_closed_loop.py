@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="--max-steps (default: the suite's)")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of write,loop,kernel")
     p.add_argument("--budget-s", type=float, default=570.0, help="the whole run (default: %(default)s)")
-    p.add_argument("--kernel-reserve-s", type=float, default=120.0,
+    p.add_argument("--kernel-reserve-s", type=float, default=150.0,
                    help="time the loop phase leaves for the kernel phase (default: %(default)s)")
     p.add_argument("--kernel-rounds", type=int, default=5, help="timed calls per batch size (default: %(default)s)")
     p.add_argument("--kernel-batches", type=int, nargs="+", default=None,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vla_bench.openvla import random_snapshot
 from vla_bench.openvla.model import OPENVLA_7B_CONFIG, Arch
@@ -52,6 +53,15 @@ def test_the_random_7b_tokenizer_fits_the_published_config(tmp_path):
         assert tok.tokenizer.decode(ids[1:-1]) == build_prompt(text)
     lengths = [len(tok.encode(build_prompt(t))) for t in texts]
     assert 10 <= min(lengths) and max(lengths) <= 48, lengths
+
+
+def test_the_random_7b_model_is_the_published_architecture_in_bf16():
+    """Built on the meta device (no memory), the random 7B model has the reference's parameter count in bf16, and
+    the config it writes implies the tokenizer's 32000 base pieces; the default dtype is left as found."""
+    model = random_snapshot.random_openvla_7b(device="meta")
+    assert sum(p.numel() for p in model.parameters()) == 7_541_237_184
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and torch.get_default_dtype() == torch.float32
+    assert Arch.from_config(model.arch.to_config()).action_vocab_size == random_snapshot.BASE_VOCAB
 
 
 def test_the_random_snapshot_loads_and_its_entry_builds_a_policy(written):

@@ -1,5 +1,6 @@
 """Fast greedy decoding for serving: the decoder's fused elementwise kernels and FastGenerator, one CUDA graph per
-(adapter variant, batch, prompt bucket). It computes what model.OpenVLA.generate computes, laid out for speed."""
+(adapter variant, batch bucket, prompt bucket). It computes what model.OpenVLA.generate computes, laid out for
+speed."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,27 @@ import torch
 from torch import nn
 
 from .model import OpenVLA
+
+#: Batch sizes a call is padded up to (beyond the last: the next multiple of 64). A closed loop's batch shrinks as
+#: episodes finish (16, 15, ..., 1 at the end of a run); one graph per exact size would capture a new graph (about
+#: two calls' time, and its own output buffers) for every size on the way down. The buckets are powers of two up to
+#: 16 and then steps of at most 1.5x: padding wastes at most half a call below 16 rows, where a call is short and
+#: happens only in a run's tail, and at most a third above, where the batch is usually full; up to 64 rows that is
+#: 9 graphs per prompt bucket, which `warm_up` captures in seconds before the first episode.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+def batch_bucket(batch: int) -> int:
+    """The number of rows a call of `batch` rows runs with (its bucket)."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    return next((b for b in BATCH_BUCKETS if batch <= b), -(-batch // 64) * 64)
+
+
+def batch_buckets_upto(batch: int) -> list[int]:
+    """Every bucket a call of at most `batch` rows can run with, smallest first."""
+    top = batch_bucket(batch)
+    return [b for b in BATCH_BUCKETS if b < top] + list(range(BATCH_BUCKETS[-1] + 64, top, 64)) + [top]
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin_lo: torch.Tensor, sin_hi: torch.Tensor) -> torch.Tensor:
@@ -37,6 +59,12 @@ class _Elementwise:
     all 32 layers (a module argument would make dynamo recompile per layer). On the CPU they run as plain ATen."""
 
     def __init__(self, compiled: bool):
+        if compiled:
+            # each chain sees the shapes of every (batch bucket, prompt bucket, prefill or decode) warm_up builds;
+            # past dynamo's default of 8 compiled versions per function it would quietly run the plain ops
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
         wrap = _compiled_or_plain if compiled else (lambda f: f)
         self.rope, self.silu_mul, self.add_rms_norm = wrap(rope_rotate), wrap(silu_mul), wrap(add_rms_norm)
 
@@ -66,8 +94,8 @@ def _compiled_or_plain(fn):
 
 class FastGenerator:
     """Greedy decoding for serving. The whole call - both vision towers, the projector, the prompt splice, the LLM
-    prefill and every decode step - is one CUDA graph per (adapter variant, batch, prompt bucket), replayed with a
-    single launch. At B=1 the eager call is bound by the CPU launching ~11k kernels (towers, prefill, 6 decode
+    prefill and every decode step - is one CUDA graph per (adapter variant, batch bucket, prompt bucket), replayed
+    with a single launch. At B=1 the eager call is bound by the CPU launching ~11k kernels (towers, prefill, 6 decode
     steps); the graph leaves only GPU time. It computes what OpenVLA.generate computes, laid out for speed:
 
     * Rows are right-padded, [BOS][patches][text][pads], instead of the plain path's left padding. Every real token
@@ -86,9 +114,15 @@ class FastGenerator:
     * Decode steps write column S + step of the KV cache (S = padded prompt length) for every row, with a per-row
       position and a (B, 1, 1, cache) additive mask hiding the pads between a row's prompt and column S.
 
+    * A call of B rows runs batch_bucket(B) rows: the extra rows repeat the first real row (so they compute finite,
+      ordinary numbers) and their outputs are dropped. Rows never interact, so a row's result does not depend on
+      how the call was padded. `warm_up` builds every bucket's graph before a run, so that no call captures.
+
     On the CPU (the tests) the same body runs without the graph. Padded prompt lengths are rounded up to
-    TEXT_BUCKET so that prompts of similar length share a graph; KV caches are shared by all graphs of one batch size
-    and cache length, and all graphs share one memory pool (see _capture).
+    TEXT_BUCKET so that prompts of similar length share a graph; KV caches are shared by all graphs of one cache
+    length (a smaller batch uses the first rows of a larger batch's cache), and all graphs share one memory pool
+    (see _capture). `captures` counts graphs captured (on the CPU: states built), so a test can see that a warmed-up
+    run builds nothing more.
     """
 
     TEXT_BUCKET = 4  # prompt tokens; at most 3 pad columns of prefill work per row
@@ -113,11 +147,18 @@ class FastGenerator:
         self._states: dict[tuple, dict] = {}
         self._caches: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pool = None
+        self.captures = 0  # graphs captured on CUDA; states built on the CPU path (where nothing is captured)
 
     # ---- state ----------------------------------------------------------------------------------------------
     def _cache(self, batch: int, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, keys and values as (B, max_len, kv_heads, head_dim): a prompt's tokens are one contiguous
-        slice per row, and the (B, heads, len, head_dim) view attention wants is a transpose, not a copy."""
+        slice per row, and the (B, heads, len, head_dim) view attention wants is a transpose, not a copy. A cache of
+        more rows serves a smaller batch as a view of its first rows (contiguous, since rows are the outer dim): a
+        call rewrites every row and column it reads, whichever graph wrote them last, so graphs can share rows as
+        they share caches across prompt buckets; warm_up builds the largest batch first for this."""
+        larger = [b for (b, n) in self._caches if n == max_len and b > batch]
+        if (batch, max_len) not in self._caches and larger:
+            return [(k[:batch], v[:batch]) for k, v in self._caches[(min(larger), max_len)]]
         if (batch, max_len) not in self._caches:
             cfg = self.model.language_model.config
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -143,6 +184,8 @@ class FastGenerator:
                 "cache": self._cache(batch, max_len), "max_len": max_len, "new_tokens": new_tokens,
                 "graph": None, "out": None,
             }
+            if not self.use_cuda_graph:  # nothing to capture: the new state is what a capture would be
+                self.captures += 1
         return self._states[key]
 
     # ---- the captured body ----------------------------------------------------------------------------------
@@ -273,6 +316,35 @@ class FastGenerator:
         with torch.cuda.graph(graph, pool=self._pool):
             s["out"] = self._run(s)
         s["graph"] = graph
+        self.captures += 1
+
+    # ---- warm-up --------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def warm(self, batch: int, prompt_length: int, image_shape: Sequence[int], max_new_tokens: int = 7,
+             variant=None) -> None:
+        """Build (on CUDA: capture) the graph that a call of `batch` rows whose longest prompt has
+        `prompt_length` tokens will replay, unless it exists. The capture runs on whatever the input buffers hold
+        (zeros at first): every value is valid input, and the kernels do not depend on it."""
+        s = self._state(variant, tuple(image_shape), batch_bucket(batch), self.text_bucket(prompt_length),
+                        max_new_tokens)
+        if self.use_cuda_graph and s["graph"] is None:
+            self._capture(s)
+
+    def warm_up(self, max_batch: int, prompt_lengths: Sequence[int], image_shape: Sequence[int],
+                max_new_tokens: int = 7, variant=None) -> int:
+        """Build every graph that a call of at most `max_batch` rows can replay, for prompts of these lengths
+        (padding duplicates real rows, so a call's longest prompt is one of them). Largest batch first, so that the
+        smaller batches share its KV cache. Returns the number of graphs built now."""
+        before = self.captures
+        for length in sorted({self.text_bucket(n) for n in prompt_lengths}):
+            for rows in reversed(batch_buckets_upto(max_batch)):
+                self.warm(rows, length, image_shape, max_new_tokens, variant)
+        return self.captures - before
+
+    @classmethod
+    def text_bucket(cls, prompt_length: int) -> int:
+        """The padded text length of a call whose longest prompt has this many tokens."""
+        return -(-prompt_length // cls.TEXT_BUCKET) * cls.TEXT_BUCKET
 
     # ---- entry point ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -287,13 +359,16 @@ class FastGenerator:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         b = len(prompts)
-        longest = max(len(p) for p in prompts)
-        text_len = -(-longest // self.TEXT_BUCKET) * self.TEXT_BUCKET
-        s = self._state(variant, tuple(pixel_values.shape[1:]), b, text_len, max_new_tokens)
-        ids = torch.zeros(b, text_len, dtype=torch.long)  # built on the host, one copy to the device
+        rows = batch_bucket(b)
+        text_len = self.text_bucket(max(len(p) for p in prompts))
+        s = self._state(variant, tuple(pixel_values.shape[1:]), rows, text_len, max_new_tokens)
+        prompts = list(prompts) + [prompts[0]] * (rows - b)  # padding rows repeat the first real row
+        ids = torch.zeros(rows, text_len, dtype=torch.long)  # built on the host, one copy to the device
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-        s["pixels"].copy_(pixel_values)
+        s["pixels"][:b].copy_(pixel_values)
+        if rows > b:
+            s["pixels"][b:].copy_(pixel_values[:1].expand(rows - b, *pixel_values.shape[1:]))
         s["ids"].copy_(ids)
         s["lengths"].copy_(torch.tensor([len(p) for p in prompts], dtype=torch.long))
         if not self.use_cuda_graph:
@@ -303,5 +378,5 @@ class FastGenerator:
                 self._capture(s)
             s["graph"].replay()
             out_ids, out_logits = s["out"]
-        # the graph's output buffers are overwritten by the next replay
-        return (out_ids.clone(), out_logits.clone()) if return_logits else out_ids.clone()
+        # the graph's output buffers are overwritten by the next replay; the padding rows' outputs are dropped
+        return (out_ids[:b].clone(), out_logits[:b].clone()) if return_logits else out_ids[:b].clone()

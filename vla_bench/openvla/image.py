@@ -12,7 +12,8 @@ Steps, each a function:
   jpeg_roundtrip  encode/decode as TF does (quality 95, 4:2:0 chroma, fast integer IDCT): data/jpeg.py
   resize          lanczos3 + antialias to 224, float32, then round-half-even, clip, uint8
   center_crop     sqrt(0.9) of each side, bilinear back to 224, TF's float <-> uint8 conversions
-  to_pixel_values per-backbone mean/std, channels stacked as [DINOv2 RGB, SigLIP RGB] for fused models
+  to_pixel_values per-backbone mean/std, channels stacked as [DINOv2 RGB, SigLIP RGB] for fused models;
+                  pixel_values_on does the same on the model's device from uint8 frames (the policy's path)
 """
 from __future__ import annotations
 
@@ -184,9 +185,8 @@ def backbone_norms(timm_model_ids: tuple[str, ...]) -> tuple[tuple[tuple[float, 
     return tuple((tuple(cfg.mean), tuple(cfg.std)) for cfg in map(timm.models.get_pretrained_cfg, timm_model_ids))
 
 
-def to_pixel_values(images: Sequence[np.ndarray], timm_model_ids: Sequence[str], image_size: int = IMAGE_SIZE,
-                    ) -> torch.Tensor:
-    """B HxWx3 uint8 images (already image_size square) -> float32 [B, 3 * n_backbones, S, S].
+def stack_frames(images: Sequence[np.ndarray], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """B HxWx3 uint8 frames -> one (B, S, S, 3) uint8 array, refusing any other size or dtype.
 
     The reference processor first bicubic-resizes to the model size; every chain here has resized already and a
     same-size bicubic resize is the identity, so a frame of another size is a caller bug and is refused."""
@@ -194,10 +194,31 @@ def to_pixel_values(images: Sequence[np.ndarray], timm_model_ids: Sequence[str],
     if batch.shape[1:] != (image_size, image_size, 3) or batch.dtype != np.uint8:
         raise ValueError(f"expected uint8 images of shape ({image_size}, {image_size}, 3), got "
                          f"{batch.dtype} {batch.shape[1:]}")
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32).div(255.0)
+    return batch
+
+
+def normalize(frames: torch.Tensor, timm_model_ids: Sequence[str], dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+    """(B, S, S, 3) uint8 frames on any device -> [B, 3 * n_backbones, S, S] pixel values on that device: x / 255,
+    then each backbone's (x - mean) / std in float32, channels stacked as [DINOv2 RGB, SigLIP RGB]; cast to `dtype`
+    last, as the model's input buffer would cast float32 values."""
+    x = frames.permute(0, 3, 1, 2).to(torch.float32).div(255.0)
     parts = []
     for mean, std in backbone_norms(tuple(timm_model_ids)):
-        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         parts.append((x - m) / s)
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1).to(dtype)
+
+
+def to_pixel_values(images: Sequence[np.ndarray], timm_model_ids: Sequence[str], image_size: int = IMAGE_SIZE,
+                    ) -> torch.Tensor:
+    """B HxWx3 uint8 images (already image_size square) -> float32 [B, 3 * n_backbones, S, S] on the CPU."""
+    return normalize(torch.from_numpy(stack_frames(images, image_size)), timm_model_ids)
+
+
+def pixel_values_on(images: Sequence[np.ndarray], timm_model_ids: Sequence[str], device, dtype: torch.dtype,
+                    image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """to_pixel_values computed on `device` in `dtype`: the frames cross to the device as uint8 and are normalized
+    there (the same float32 arithmetic, so the values equal the CPU path's cast to dtype)."""
+    return normalize(torch.from_numpy(stack_frames(images, image_size)).to(device), timm_model_ids, dtype)

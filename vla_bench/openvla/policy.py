@@ -3,8 +3,12 @@
 Per suite, its record (vla_bench/suites.py) says which observation key holds the frame, whether it needs LIBERO's
 180-degree rotation and OpenVLA's center crop, which gripper convention the actions go out in, and the default
 norm-stats keys. The chain per step is the
-reference's: image chain (image.py) -> prompt (prompt.py) -> greedy 7 tokens (fast_generator.py) -> bin centres
+reference's: image chain (image.py, run by the env workers) -> uint8 frames to the model's device, normalized there
+(image.pixel_values_on) -> prompt (prompt.py) -> greedy 7 tokens (fast_generator.py) -> bin centres
 (action_tokenizer.py) -> unnormalize (normalization.py) -> gripper (vla_bench/gripper.py).
+
+`prepare(max_batch)` builds the generator's graphs for every batch and prompt bucket a run can use, before its
+first episode, so that no step waits for a graph capture.
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ class OpenVLAPolicy:
         # env workers run the image chain on their own frames, in parallel (policies/base.py)
         self.observation_transform = image.FrameChain(self.suite.image_key, self.suite.flip,
                                                       self.center_crop, base.model.arch.image_size)
+        self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self.capabilities = Capabilities(images=True, frame_transform=self.observation_transform,
                                          chunk_length=self.action_repeat)
 
@@ -83,14 +88,51 @@ class OpenVLAPolicy:
     def frame(self, observation: dict) -> np.ndarray:
         return self.observation_transform.frame(observation)
 
+    def prompt_ids(self, instruction: str) -> tuple[int, ...]:
+        """The token ids of an instruction's prompt, tokenized once per instruction (a run repeats a few of them at
+        every step of every episode)."""
+        ids = self._prompt_ids.get(instruction)
+        if ids is None:
+            ids = tuple(self.base.snapshot.tokenizer.encode(build_prompt(instruction, self.prompt)))
+            self._prompt_ids[instruction] = ids
+        return ids
+
+    def instructions(self) -> list[str]:
+        """The instructions of the suite's tasks (closed-loop suites; an open-loop suite's come with its data)."""
+        if not self.suite.closed_loop:
+            raise VlaBenchError(f"{self.suite.name} is an open-loop suite: its instructions come with its episodes; "
+                                "pass them to prepare(max_batch, instructions)")
+        from ..envs.tasks import suite_tasks
+
+        return [task.language for task in suite_tasks(self.suite.name)]
+
+    def prepare(self, max_batch: int, instructions: Sequence[str] | None = None) -> int:
+        """Build (on CUDA: capture) every graph that calls of at most `max_batch` observations with these
+        instructions (default: the suite's tasks') can replay, so that no call of the run captures one. Returns the
+        number built now (0 when an earlier prepare covered them)."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        texts = self.instructions() if instructions is None else list(instructions)
+        if not texts:
+            raise ValueError("prepare needs at least one instruction")
+        model = self.base.model
+        lengths = [len(self.prompt_ids(text)) for text in texts]
+        shape = (3 * len(model.arch.timm_model_ids), model.arch.image_size, model.arch.image_size)
+        with self.base.active(self.adapter):
+            return self.base.generator.warm_up(max_batch, lengths, shape, max_new_tokens=len(self.stats["q01"]),
+                                               variant=self.adapter)
+
     def infer(self, observations: Sequence[dict], instructions: Sequence[str], return_logits: bool = False
               ) -> Inference:
         """One model prediction per observation, as the model means it (under action_repeat k: one k-step window);
         `act` applies the execution rule."""
-        model, tok = self.base.model, self.base.snapshot.tokenizer
+        model = self.base.model
         frames = [self.frame(o) for o in observations]
-        pixels = image.to_pixel_values(frames, model.arch.timm_model_ids, model.arch.image_size)
-        prompts = [tok.encode(build_prompt(text, self.prompt)) for text in instructions]
+        # the frames go to the device as uint8 (3 bytes a pixel; the two towers' float32 pixel values are 24) and
+        # are normalized there, in the model's dtype
+        pixels = image.pixel_values_on(frames, model.arch.timm_model_ids, model.device, model.dtype,
+                                       model.arch.image_size)
+        prompts = [self.prompt_ids(text) for text in instructions]
         with self.base.active(self.adapter):
             out = self.base.generator.generate(pixels, prompts, max_new_tokens=len(self.stats["q01"]),
                                                variant=self.adapter, return_logits=return_logits)

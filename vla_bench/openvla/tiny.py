@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .model import Arch
 
@@ -29,10 +29,15 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(folder: str | Path, merges: int = 200) -> Path:
+def build_tokenizer(folder: str | Path, merges: int = 200, corpus: Sequence[str] = (), base_vocab: int | None = None
+                    ) -> Path:
     """Train and save a small Llama-style tokenizer: ids 0/1/2 = <unk>/<s>/</s>, ids 3..258 the byte-fallback
     pieces <0x00>..<0xFF>, then BPE pieces over SentencePiece-style "▁" words, BOS added by the post-processor and
-    <PAD> added after the base vocabulary, as OpenVLA's Llama-2 tokenizer is laid out."""
+    <PAD> added after the base vocabulary, as OpenVLA's Llama-2 tokenizer is laid out.
+
+    `corpus`: more instructions to learn pieces from (so that their prompts are about as long as Llama-2 makes
+    them). `base_vocab`: pad the base vocabulary to exactly this size with filler pieces that no text can produce
+    (multi-character pieces no merge builds), e.g. 32000 for the OpenVLA-7B config's 32064-row embedding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     folder = Path(folder)
@@ -43,11 +48,17 @@ def build_tokenizer(folder: str | Path, merges: int = 200) -> Path:
                                   show_progress=False)
     learner = Tokenizer(models.BPE(unk_token="<unk>"))
     learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    learner.train_from_iterator([_CORPUS[0].format(t) for t in _CORPUS[1:]] * 4, trainer=trainer)
+    texts = [_CORPUS[0].format(t) for t in list(_CORPUS[1:]) + [c.lower() for c in corpus]]
+    learner.train_from_iterator(texts * 4, trainer=trainer)
     learned = json.loads(learner.to_str())["model"]
     # renumber: specials, then the 256 byte pieces (the trainer does not make them), then the learned pieces
     pieces = [p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
-    vocab = {p: i for i, p in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    names = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    if base_vocab is not None:
+        if base_vocab < len(names):
+            raise ValueError(f"base_vocab {base_vocab} is smaller than the {len(names)} pieces learned")
+        names += [f"<filler{i}>" for i in range(base_vocab - len(names))]
+    vocab = {p: i for i, p in enumerate(names)}
     merges_list = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges_list, unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")

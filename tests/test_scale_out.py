@@ -1,0 +1,92 @@
+"""Scaling out: several processes writing one results store, stores of several hosts merged by `vla-bench report`,
+and suites under pytest-xdist (`pytest -n N`: every xdist worker is a session of its own, the controller prints the
+one summary, gates and saves baselines from what the workers measured)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from vla_bench.results import EpisodeRecord, ResultsStore
+
+# ---------------------------------------------------------------------------------------------- concurrent writers
+
+WRITER = """
+import sys, time
+import vla_bench.results as results
+from vla_bench.results import EpisodeRecord, ResultsStore
+
+path, writer, rows, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+results.BUSY_TIMEOUT_S = 0.02  # far below how long the locker holds the store: only the retries get rows in
+time.sleep(max(0.0, start - time.time()))  # every writer opens the store at the same moment
+store = ResultsStore(path)
+for i in range(rows):
+    store.add(EpisodeRecord("ckpt", "ident", "libero_spatial", writer, "t", i, 1000 * writer + i, "key", {"p": 1},
+                            i % 3 == 0, i, None, 0.5, {"v": 1}, "egl", "cpu"))
+"""
+
+LOCKER = """
+import sqlite3, sys, time
+path, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+db = sqlite3.connect(path, isolation_level=None, timeout=30)
+for _ in range(4):  # holds the write lock for 0.4 s at a time, 4 times, while the writers write
+    db.execute("BEGIN IMMEDIATE")
+    time.sleep(0.4)
+    db.execute("COMMIT")
+    time.sleep(0.05)
+"""
+
+OLD_SCHEMA = """CREATE TABLE episodes (checkpoint TEXT NOT NULL, identity TEXT NOT NULL, suite TEXT NOT NULL,
+    task_index INTEGER NOT NULL, task_name TEXT NOT NULL, init_index INTEGER NOT NULL, seed INTEGER NOT NULL,
+    protocol_key TEXT NOT NULL, protocol TEXT NOT NULL, success INTEGER NOT NULL, steps INTEGER NOT NULL, error TEXT,
+    wall_s REAL NOT NULL, versions TEXT NOT NULL, render_backend TEXT NOT NULL, device TEXT NOT NULL, video TEXT,
+    created REAL NOT NULL, PRIMARY KEY (identity, suite, task_index, protocol_key, init_index))"""
+
+
+def test_writers_in_several_processes_commit_every_row_while_the_store_is_held_locked(tmp_path):
+    """Four processes open one store at the same moment (a store written before the scene_check column, so each
+    tries to add it) and commit 30 rows each, while a fifth holds the write lock well beyond their busy timeout:
+    every process succeeds, every row is there exactly once, and the file passes SQLite's integrity check."""
+    path = tmp_path / "shared.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_SCHEMA)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    start = time.time() + 1.5  # after every interpreter has started
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), "30", str(start)], env=env,
+                              stderr=subprocess.PIPE) for w in range(4)]
+    procs.append(subprocess.Popen([sys.executable, "-c", LOCKER, str(path), str(start)], stderr=subprocess.PIPE))
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+        proc.stderr.close()
+    store = ResultsStore(path)
+    rows = store.episodes()
+    assert sorted((r.task_index, r.init_index) for r in rows) == [(w, i) for w in range(4) for i in range(30)]
+    assert all(r.seed == 1000 * r.task_index + r.init_index and r.success == (r.init_index % 3 == 0) for r in rows)
+    assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_add_missing_keeps_the_rows_a_store_has_and_adds_the_others(tmp_path):
+    store = ResultsStore(tmp_path / "r.sqlite")
+    mine = _record(init_index=0, success=True, steps=40)
+    store.add(mine)
+    theirs = [_record(init_index=0, success=False, steps=220), _record(init_index=1, success=True, steps=50)]
+    assert store.add_missing(theirs) == 1
+    assert [(r.init_index, r.success, r.steps) for r in store.episodes()] == [(0, True, 40), (1, True, 50)]
+    assert store.add_missing([]) == 0
+
+
+def _record(**changes) -> EpisodeRecord:
+    values = dict(checkpoint="expert", identity="id-expert", suite="libero_spatial", task_index=0, task_name="t",
+                  init_index=0, seed=7, protocol_key="k1", protocol={"episodes": 2}, success=True, steps=60,
+                  error=None, wall_s=1.0, versions={}, render_backend="egl", device="cpu")
+    values.update(changes)
+    return EpisodeRecord(**values)

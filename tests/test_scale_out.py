@@ -90,3 +90,48 @@ def _record(**changes) -> EpisodeRecord:
                   error=None, wall_s=1.0, versions={}, render_backend="egl", device="cpu")
     values.update(changes)
     return EpisodeRecord(**values)
+
+
+# ---------------------------------------------------------------------------------------------- report merging
+
+
+def test_report_merges_stores_of_two_hosts_and_names_the_store_it_kept_a_disagreeing_episode_from(tmp_path, capsys):
+    """Host A measured init states 0, 2, 3 of task 1 and errored on 1; host B measured 1-4 and task 2's init 0. The
+    merged table counts each episode once: B's measured init 1 over A's error, the first store's row where both
+    measured, and the one disagreement (init 2) is named with the store it was kept from."""
+    from vla_bench.cli import main
+
+    a, b = ResultsStore(tmp_path / "a.sqlite"), ResultsStore(tmp_path / "b.sqlite")
+    for i in (0, 2, 3):
+        a.add(_record(init_index=i, success=True, steps=50 + i))
+    a.add(_record(init_index=1, success=False, steps=3, error="MujocoException: unstable"))
+    b.add(_record(init_index=1, success=True, steps=61))
+    b.add(_record(init_index=2, success=False, steps=220))  # disagrees with A's init 2
+    b.add(_record(init_index=3, success=True, steps=53))  # agrees with A's init 3
+    b.add(_record(init_index=4, success=False, steps=220))
+    b.add(_record(task_index=1, task_name="t2", init_index=0, success=True, steps=70))
+    for store in (a, b):
+        store.close()
+    toml = tmp_path / "checkpoints.toml"
+    toml.write_text('[checkpoints.expert]\nkind = "scripted"\n')
+
+    assert main(["report", "--results", str(tmp_path / "a.sqlite"), "--results", str(tmp_path / "b.sqlite"),
+                 "--checkpoints-file", str(toml)]) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if "libero_spatial" in line]
+    # task 1: init 0..4 once each; A's measured init 2 (success) kept over B's; B's measured init 1 over A's error
+    assert "task1" in lines[0] and "4/5" in lines[0] and "│      0 │" in lines[0]
+    assert "task2" in lines[1] and "1/1" in lines[1]
+    assert "1 episode(s) measured in more than one store with different outcomes" in err
+    assert (f"libero_spatial task1 expert init 2: {tmp_path / 'a.sqlite'} says success in 52 steps (seed 7), "
+            f"{tmp_path / 'b.sqlite'} says failure in 220 steps (seed 7); kept {tmp_path / 'a.sqlite'}'s") in err
+
+    # the other order: B's row wins, and the table says so
+    assert main(["report", "--results", str(tmp_path / "b.sqlite"), "--results", str(tmp_path / "a.sqlite"),
+                 "--checkpoints-file", str(toml)]) == 0
+    out, err = capsys.readouterr()
+    assert "3/5" in [line for line in out.splitlines() if "task1" in line][0]
+    assert f"kept {tmp_path / 'b.sqlite'}'s" in err
+
+    assert main(["report", "--results", str(tmp_path / "a.sqlite"), "--results", str(tmp_path / "none.sqlite")]) == 2
+    assert f"{tmp_path / 'none.sqlite'}: no results store here" in capsys.readouterr().err

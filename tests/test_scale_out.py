@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -135,3 +137,105 @@ def test_report_merges_stores_of_two_hosts_and_names_the_store_it_kept_a_disagre
 
     assert main(["report", "--results", str(tmp_path / "a.sqlite"), "--results", str(tmp_path / "none.sqlite")]) == 2
     assert f"{tmp_path / 'none.sqlite'}: no results store here" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- pytest -n N
+
+SCALE_TOML = ('default = "random"\n[checkpoints.random]\nkind = "random"\n'
+              '[thresholds.libero_spatial]\ndefault = 0.0\n')
+#: two short episodes of the seeded random control on two tasks: cheap, and every row has its own seed
+COMMON = ["suites/libero_spatial", "-k", "task1 or task2", "--episodes", "2", "--max-steps", "5"]
+
+
+def episode_rows(db) -> list[tuple]:
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return c.execute("SELECT checkpoint, task_index, init_index, seed, success, steps, error FROM episodes "
+                         "ORDER BY task_index, init_index").fetchall()
+
+
+@pytest.mark.sim
+def test_xdist_gives_the_rows_summary_gate_and_saved_baseline_of_one_process_with_a_store_per_host(project, tmp_path):
+    """`pytest -n 0` saves a baseline; then two xdist workers, one of them in another folder as a second host's
+    worker is (a popen gateway behind a proxy with its own working directory: the multi-host recipe of the README,
+    on one machine), gate against it and save their own. The controller's store ends with exactly the one-process
+    run's rows, the other host's store with the rows measured there; the controller prints one summary with both
+    tasks and the suite gate, and saves the same outcomes the one-process run saved."""
+    toml = project.checkpoints(SCALE_TOML)
+    host_b = tmp_path / "host_b"
+    # the same checkout on each host: test ids are relative to its root (the folder of its pytest.ini)
+    (project.path / "pytest.ini").write_text("[pytest]\n")
+    shutil.copytree(project.path / "suites", host_b / "suites")
+    shutil.copy(project.path / "pytest.ini", host_b)
+    common = [*COMMON, "--checkpoints-file", str(toml), "--vla-baselines", str(tmp_path / "b"),
+              "--vla-results", "r.sqlite"]
+
+    one = project.run(*common, "-n", "0", "--vla-save", "base0")
+    assert one.returncode == 0, one.stdout[-3000:]
+    reference = episode_rows(project.path / "r.sqlite")
+    assert [r[1:3] for r in reference] == [(0, 0), (0, 1), (1, 0), (1, 1)] and len({r[3] for r in reference}) == 4
+    (project.path / "r.sqlite").rename(tmp_path / "one.sqlite")
+
+    many = project.run(*common, "--px", f"id=host_b//popen//chdir={host_b}//python={sys.executable}",
+                       "--tx", "popen//via=host_b", "--tx", "popen", "--dist", "load",
+                       "--vla-compare", "base0", "--vla-save", "base2", "-rA")
+    assert many.returncode == 0, many.stdout[-3000:] + many.stderr[-3000:]
+    assert "created: 2/2 workers" in many.stdout and "2 passed" in many.stdout
+    assert episode_rows(project.path / "r.sqlite") == reference
+    # the other host's own store: what its worker measured, which the controller's store holds too
+    assert set(episode_rows(host_b / "r.sqlite")) <= set(reference)
+
+    summary = many.stdout[many.stdout.index("vla-bench: closed-loop success"):]
+    assert many.stdout.count("vla-bench: closed-loop success") == 1
+    task_lines = [line for line in summary.splitlines() if line.startswith("│ libero_spatial")]
+    assert [line.split("│")[2].strip() for line in task_lines[:2]] == ["task1", "task2"]
+    assert all("0/2" in line for line in task_lines[:2])
+    assert "vla-bench: regression gate" in summary and "all tasks" in summary
+    assert "baseline saved: " in summary and many.stdout.count("baseline saved: ") == 1
+    saved = [json.loads((tmp_path / "b" / f"{name}.json").read_text()) for name in ("base0", "base2")]
+    assert saved[0]["tasks"] == saved[1]["tasks"] == {f"task{t}": {"0": False, "1": False} for t in (1, 2)}
+    assert saved[0]["checkpoint"] == saved[1]["checkpoint"] and saved[0]["protocol"] == saved[1]["protocol"]
+
+
+@pytest.mark.sim
+def test_a_killed_xdist_session_resumes_with_no_episode_lost_or_run_twice(project, tmp_path):
+    """SIGKILL the whole `pytest -n 2` process group (controller, xdist workers, simulator workers: what a CI job's
+    cancellation does) once its first episode is committed, then run it again: every planned episode of both tasks
+    is in the store exactly once, measured (no error rows), with its protocol seed, and the rerun resumed the rows
+    the killed run had committed."""
+    from tests.conftest import sim_env
+    from vla_bench.protocol import reference_protocol
+
+    toml = project.checkpoints(SCALE_TOML)
+    db = project.path / "r.sqlite"
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *COMMON, "--checkpoints-file",
+               str(toml), "--vla-results", str(db), "-n", "2"]
+    proc = subprocess.Popen(command, cwd=project.path, env=sim_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not _rows_in(db):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before its first episode was seen: " + proc.stderr.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    before = episode_rows(db)
+    assert 1 <= len(before) < 4 and len({r[1:3] for r in before}) == len(before)
+
+    again = project.run(*COMMON, "--checkpoints-file", str(toml), "--vla-results", str(db), "-n", "2")
+    assert again.returncode == 0, again.stdout[-3000:]
+    protocol = reference_protocol("libero_spatial", episodes=2, max_steps=5)
+    expected = [("random", t, i, protocol.episode_seed(t, i), 0, 5, None) for t in (0, 1) for i in (0, 1)]
+    assert episode_rows(db) == expected
+    assert set(before) <= set(expected)
+    assert sum(int(n) for n in re.findall(r"\((\d+) resumed\)", again.stdout)) == len(before), again.stdout
+
+
+def _rows_in(db) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as c:
+            return c.execute("SELECT COUNT(*) FROM episodes").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or the schema is being written
+        return 0

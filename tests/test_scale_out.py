@@ -170,7 +170,7 @@ def test_xdist_gives_the_rows_summary_gate_and_saved_baseline_of_one_process_wit
     common = [*COMMON, "--checkpoints-file", str(toml), "--vla-baselines", str(tmp_path / "b"),
               "--vla-results", "r.sqlite"]
 
-    one = project.run(*common, "-n", "0", "--vla-save", "base0")
+    one = project.run(*common, "-n", "0", "--vla-workers", "1", "--vla-save", "base0")
     assert one.returncode == 0, one.stdout[-3000:]
     reference = episode_rows(project.path / "r.sqlite")
     assert [r[1:3] for r in reference] == [(0, 0), (0, 1), (1, 0), (1, 1)] and len({r[3] for r in reference}) == 4
@@ -239,3 +239,15 @@ def _rows_in(db) -> int:
             return c.execute("SELECT COUNT(*) FROM episodes").fetchone()[0]
     except sqlite3.Error:  # not created yet, or the schema is being written
         return 0
+
+
+def test_workers_on_one_host_are_counted_by_the_host_their_gateway_runs_on():
+    """Each xdist worker's default --vla-workers is its host's CPUs over the xdist workers on that host: popen
+    workers share this host, `via` workers their proxy's host, ssh workers the host they name."""
+    from execnet import XSpec
+
+    from vla_bench.xdist_glue import workers_sharing_host
+
+    specs = [XSpec(s) for s in ["popen", "popen", "popen//via=gpu2", "popen//via=gpu2", "popen//via=gpu2",
+                                "ssh=me@gpu3//python=/srv/venv/bin/python", "popen//chdir=/scratch"]]
+    assert [workers_sharing_host(specs, s) for s in specs] == [3, 3, 3, 3, 3, 1, 3]

@@ -77,12 +77,13 @@ class WorkerSide:
         self.sent_robustness = 0
         self.sent_proxy: set = set()
 
-    @pytest.hookimpl(hookwrapper=True)
+    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
-        outcome = yield
+        report = yield
         payload = self._new_results()
         if payload is not None:
-            setattr(outcome.get_result(), REPORT_ATTRIBUTE, payload)
+            setattr(report, REPORT_ATTRIBUTE, payload)
+        return report
 
     def _new_results(self) -> str | None:
         session = self.state._session
@@ -150,7 +151,7 @@ class ControllerSide:
                 # the worker computed it: a remote entry's server or a model's files need not be reachable from here
                 session._identities.setdefault(name, identity)
             session.store.add_missing(payload["rows"])
-        except VlaBenchError as e:
+        except (VlaBenchError, pytest.UsageError) as e:  # the store named here cannot be opened or written
             self.errors.append(str(e))
             return
         index = self.order.get(report.nodeid, len(self.order))

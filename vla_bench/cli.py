@@ -26,19 +26,28 @@ def _registry(args):
     return Registry.load(args.checkpoints_file)
 
 
-@command("report", "print the results table from a results store")
+@command("report", "print the results table from one results store, or several merged (--results repeated)")
 def report(args) -> int:
+    from .merge import merge_records
+    from .options import DEFAULT_RESULTS
     from .report import closed_loop_summary, print_table, results_from_records
     from .results import ResultsStore
 
-    path = Path(args.results)
-    if not path.is_file():
-        raise VlaBenchError(f"{path}: no results store here (pytest writes one with --vla-results PATH)")
-    store = ResultsStore(path, read_only=True)
-    records = store.episodes(checkpoint=args.checkpoint, suite=args.suite)
+    paths = [Path(p) for p in (args.results or [DEFAULT_RESULTS])]
+    sources = []
+    for path in paths:
+        if not path.is_file():
+            raise VlaBenchError(f"{path}: no results store here (pytest writes one with --vla-results PATH)")
+        store = ResultsStore(path, read_only=True)
+        try:
+            sources.append((str(path), store.episodes(checkpoint=args.checkpoint, suite=args.suite)))
+        finally:
+            store.close()
+    records, disagreements = merge_records(sources)
+    where = " + ".join(str(p) for p in paths)
     if not records:
-        raise VlaBenchError(f"{path}: no episodes" + (f" for checkpoint {args.checkpoint!r}" if args.checkpoint else "")
-                            + (f" in suite {args.suite!r}" if args.suite else ""))
+        raise VlaBenchError(f"{where}: no episodes" + (f" for checkpoint {args.checkpoint!r}" if args.checkpoint
+                                                       else "") + (f" in suite {args.suite!r}" if args.suite else ""))
     registry = None
     try:
         registry = _registry(args)
@@ -49,10 +58,17 @@ def report(args) -> int:
         for row in rows:
             if row.checkpoint in registry.checkpoints:
                 row.threshold = registry.threshold(registry.checkpoints[row.checkpoint], row.suite, row.task_id)
-    table, notes = closed_loop_summary(rows, registry, title=f"vla-bench: {path}")
+    table, notes = closed_loop_summary(rows, registry, title=f"vla-bench: {where}")
     print_table(table)
     for note in notes:
         print(f"vla-bench: {note}")
+    if disagreements:
+        print(f"vla-bench: warning: {len(disagreements)} episode(s) measured in more than one store with different "
+              "outcomes:", file=sys.stderr)
+        for d in disagreements[:20]:
+            print("  " + d.describe(), file=sys.stderr)
+        if len(disagreements) > 20:
+            print(f"  ... and {len(disagreements) - 20} more", file=sys.stderr)
     return 0
 
 
@@ -204,7 +220,8 @@ def tasks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .options import add_checkpoints_file_option, add_evaluation_options, add_gate_options, add_results_option
+    from .options import add_checkpoints_file_option, add_evaluation_options, add_gate_options, \
+        add_results_sources_option
 
     common = argparse.ArgumentParser(add_help=False)
     add_checkpoints_file_option(common.add_argument)
@@ -219,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: all; closed-loop suites)")
             add_evaluation_options(p.add_argument, prefix="")  # the plugin's options without their vla- prefix
         if name == "report":
-            add_results_option(p.add_argument, prefix="")
+            add_results_sources_option(p.add_argument)
             p.add_argument("--checkpoint", default=None)
             p.add_argument("--suite", default=None)
         if name == "tasks":

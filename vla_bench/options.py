@@ -43,6 +43,13 @@ def add_results_option(addoption: AddOption, prefix: str = "vla-") -> None:
               help=f"SQLite results store; finished episodes in it are not re-run (default {DEFAULT_RESULTS})")
 
 
+def add_results_sources_option(addoption: AddOption) -> None:
+    """The stores a report reads: one, or several written apart (one per host) that it merges."""
+    addoption("--results", action="append", default=None, metavar="PATH",
+              help=f"results store to read; repeat it to merge stores written on several hosts (default "
+                   f"{DEFAULT_RESULTS})")
+
+
 def add_gate_options(addoption: AddOption, prefix: str = "vla-") -> None:
     """How a candidate is judged against a baseline (the plugin's --vla-compare runs and `vla-bench gate`)."""
     addoption(f"--{prefix}baselines", default=DEFAULT_BASELINES, metavar="DIR",

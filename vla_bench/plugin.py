@@ -56,6 +56,7 @@ class _State:
         self._session = None
         self.suite_verdicts: list = []
         self.saved_baselines: list = []
+        self.xdist_controller = None  # xdist_glue.ControllerSide, in the controller of a pytest -n N run
         #: what parametrization refused (unknown checkpoint, too many episodes...): one usage error after collection
         self.collection_errors: dict[str, None] = {}
 
@@ -111,6 +112,9 @@ def user_checkpoint_kinds(pluginmanager) -> list[dict[str, str]]:
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = _State(config)
     _check_options(config)
+    from .xdist_glue import register
+
+    register(config, config.stash[_STATE])  # under pytest -n N: this process's side (worker or controller)
     if config.getoption("--video") != "none":  # before any episode runs, not after the first one
         try:
             require_video_writer(config.getoption("--video-format"))
@@ -358,8 +362,11 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
+        from .xdist_glue import is_worker
+
         self.capture = config.pluginmanager.getplugin("capturemanager")
-        self.enabled = config.getoption("verbose") >= 0  # -q keeps the screen quiet
+        # -q keeps the screen quiet; an xdist worker's bar would interleave with the others' on the controller's
+        self.enabled = config.getoption("verbose") >= 0 and not is_worker(config)
         self.session = config.stash[_STATE].session
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[successes]} successes"), TextColumn("{task.fields[rates]}"),
@@ -517,7 +524,14 @@ def libero_pro_task(request: pytest.FixtureRequest) -> RobustnessTaskRunner:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    from .xdist_glue import is_worker
+
     state = config.stash.get(_STATE, None)
+    if state is not None and state.xdist_controller is not None:
+        for error in state.xdist_controller.errors:
+            terminalreporter.write_line(f"vla-bench: error: {error}", red=True, bold=True)
+    if is_worker(config):  # under xdist the controller prints the one summary, from every worker's results
+        return
     session = state._session if state is not None else None
     if session is None or not (session.results or session.proxy_results):
         return
@@ -552,9 +566,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
-    """Suite-level gates (a stratified test across the run's tasks) and --vla-save, once every task has run."""
+    """Suite-level gates (a stratified test across the run's tasks) and --vla-save, once every task has run: in the
+    one process that saw every task (under xdist the controller, never a worker, which saw only its share)."""
+    from .xdist_glue import is_worker
+
     state = session.config.stash.get(_STATE, None)
-    if state is None or state._session is None or not state._session.results:
+    if state is not None and state.xdist_controller is not None and state.xdist_controller.errors:
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
+    if is_worker(session.config) or state is None or state._session is None or not state._session.results:
         return
     try:
         if state._session.compare is not None:

@@ -161,3 +161,59 @@ def _suite_tasks(suite):
     from vla_bench.envs.tasks import suite_tasks
 
     return suite_tasks(suite)
+
+
+# ---- the engine warms up before the first episode --------------------------------------------------------------------
+class _FrameEnv:
+    """A stand-in simulator of `n` slots serving 256x256 agentview frames; episodes of different lengths end at
+    different steps, so the batches shrink and grow through every size."""
+
+    def __init__(self, n):
+        self.n, self.state = n, {}
+
+    def _obs(self, slot):
+        init, t = self.state[slot]
+        frame = np.random.default_rng(1000 * init + t).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        return {"agentview_image": frame}
+
+    def reset(self, requests):
+        from vla_bench.engine.pool import Answer
+
+        for slot, (init, _seed) in requests.items():
+            self.state[slot] = (init, 0)
+        return {slot: Answer(self._obs(slot)) for slot in requests}
+
+    def step(self, actions):
+        from vla_bench.engine.pool import Answer
+
+        out = {}
+        for slot in actions:
+            init, t = self.state[slot]
+            self.state[slot] = (init, t + 1)
+            out[slot] = Answer(self._obs(slot), done=t + 1 >= 2 + init % 5)
+        return out
+
+
+def test_the_engine_prepares_every_batch_it_will_form_so_no_capture_happens_mid_run(snapshot):
+    """A session's scheduler over 5 slots in 2 groups, two tasks' instructions, episodes of 2..6 steps: all graphs
+    (CPU: states) are built by the warm-up before the first episode, none while the episodes run, and batches of
+    several sizes did run."""
+    from tests.fake_pool import FakePool
+    from vla_bench.engine.pool import EnvSpec
+    from vla_bench.engine.scheduler import Job, Scheduler
+    from vla_bench.protocol import reference_protocol
+
+    base = BaseModel(snapshot)
+    policy = OpenVLAPolicy(base, "libero_spatial")
+    protocol = reference_protocol("libero_spatial", episodes=12, max_steps=8)
+    texts = [t.language for t in _suite_tasks("libero_spatial")]
+    scheduler = Scheduler(FakePool(_FrameEnv(5)), groups=2)
+    for task in (0, 7):
+        scheduler.add(Job(f"task{task}", [policy], EnvSpec(protocol, task, ("agentview",)), texts[task], range(12),
+                          lambda i: i, lambda o: None))
+    scheduler._prepare()
+    warmed = base.generator.captures
+    assert warmed > 0
+    scheduler.run()
+    assert base.generator.captures == warmed  # nothing built after the warm-up
+    assert len(scheduler.stats.batches) >= 3 and scheduler.stats.episodes == 24

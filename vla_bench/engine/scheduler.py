@@ -80,13 +80,15 @@ class EngineStats:
     episodes: int = 0
     actions: int = 0  # executed control steps, lockstep and in-worker
     batches: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # act() sizes
+    prepare_s: float = 0.0  # warm-up before the first episodes (graph captures), not part of wall_s
 
     @property
     def busy(self) -> float:
         return self.policy_s / self.wall_s if self.wall_s else 0.0
 
     def as_dict(self) -> dict:
-        return {"wall_s": round(self.wall_s, 3), "policy_s": round(self.policy_s, 3), "gpu_busy": round(self.busy, 4),
+        return {"wall_s": round(self.wall_s, 3), "prepare_s": round(self.prepare_s, 3),
+                "policy_s": round(self.policy_s, 3), "gpu_busy": round(self.busy, 4),
                 "episodes": self.episodes, "actions": self.actions,
                 "actions_per_s": round(self.actions / self.wall_s, 2) if self.wall_s else 0.0,
                 "batches": {str(k): v for k, v in sorted(self.batches.items())}}
@@ -108,6 +110,7 @@ class Scheduler:
         self._next_group = 0
         self._threads = None
         self._since = None
+        self._prepared: dict[int, tuple] = {}  # id(policy) -> (batch, instructions) it has been prepared for
 
     def add(self, job: Job) -> Job:
         self.jobs.append(job)
@@ -117,6 +120,7 @@ class Scheduler:
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Advance every job until `until()` holds (default: all jobs finished)."""
         until = until or (lambda: all(j.finished for j in self.jobs))
+        self._prepare()
         started = self._since = time.perf_counter()
         wall_before = self.stats.wall_s
         try:
@@ -133,6 +137,30 @@ class Scheduler:
         finally:
             self.stats.wall_s = wall_before + time.perf_counter() - started
             self._since = None
+
+    def _prepare(self) -> None:
+        """Before the first episode: let each model policy build what its batches will need (OpenVLA: the CUDA
+        graphs of every batch bucket up to the largest batch a group can form, for its jobs' instructions), so no
+        capture happens mid-run. Timed apart from the run (stats.prepare_s)."""
+        started = time.perf_counter()
+        wanted: dict[int, tuple] = {}  # id(policy) -> (policy, largest batch, instructions)
+        for job in self.jobs:
+            if job.capabilities.in_worker or job.finished:
+                continue
+            for r, policy in enumerate(job.policies):
+                prepare = getattr(policy, "prepare", None)  # optional: policies with nothing to warm up lack it
+                if prepare is None:
+                    continue
+                largest = max(sum(1 for s in range(self.pool.n) if s % self.groups == g
+                                  and s % len(job.policies) == r) for g in range(self.groups))
+                _, batch, texts = wanted.get(id(policy), (policy, 0, set()))
+                wanted[id(policy)] = (policy, max(batch, largest), texts | {job.instruction})
+        for key, (policy, batch, texts) in wanted.items():
+            if self._prepared.get(key, (0, set()))[0] >= batch and texts <= self._prepared[key][1]:
+                continue
+            policy.prepare(max(1, batch), sorted(texts))
+            self._prepared[key] = (batch, texts)
+        self.stats.prepare_s += time.perf_counter() - started
 
     def _fill(self) -> None:
         for slot in range(self.pool.n):

@@ -143,11 +143,12 @@ class EvalSession:
     def close(self) -> None:
         """Stop the engine's workers (episodes still in flight are not committed: a rerun resumes them)."""
         if self._engine is not None:
+            workers = self._engine.pool.n
             self._engine.close()
             self._engine.pool.close()
             if self.settings.engine_stats is not None:
                 write_json_atomically(self.settings.engine_stats,
-                                      {**self._engine.stats.as_dict(), "workers": self._engine.pool.n,
+                                      {**self._engine.stats.as_dict(), "workers": workers,
                                        "groups": self._engine.groups, "devices": self.settings.devices})
             self._engine = None
         self.store.close()

@@ -182,3 +182,34 @@ def test_replicas_each_keep_their_own_slots():
     assert seen[id(first)] == {0, 2} and seen[id(second)] == {1, 3}
     alone = run_jobs([("a", 0, range(6))], workers=1, groups=1)[0]
     assert rows == {i: (s, n) for (_, _, i), (s, n, _) in alone.items()}
+
+
+def test_slots_are_spread_over_the_jobs_and_keep_their_task():
+    """Six slots and three jobs of six episodes each: two slots start on each job, and a slot whose job has
+    episodes left is never moved to another task (a move costs a new env)."""
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    pool = TaskAwarePool(ChaoticEnv(6), 6)
+    served = []  # (slot, task) of every reset, in order
+    submit = pool.submit
+
+    def spy(slot, command, spec, *args):
+        if command == "reset":
+            served.append((slot, spec.task_index))
+        submit(slot, command, spec, *args)
+
+    pool.submit = spy
+    scheduler = Scheduler(pool, 2)
+    jobs = [Job(f"task{t}", [Reactive("a")], EnvSpec(protocol, t), "t", range(6), lambda i: i, lambda o: None)
+            for t in (0, 1, 2)]
+    for job in jobs:
+        scheduler.add(job)
+    scheduler.run()
+    first = dict(served[:6])
+    assert sorted(first.values()) == [0, 0, 1, 1, 2, 2]
+    last_task: dict = {}
+    for k, (slot, task) in enumerate(served):
+        if slot in last_task and last_task[slot] != task:  # a move: the old task had nothing left to start
+            remaining_before = [t for s, t in served[k:]]
+            assert last_task[slot] not in remaining_before
+        last_task[slot] = task
+    assert all(job.finished for job in jobs)

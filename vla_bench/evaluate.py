@@ -117,6 +117,8 @@ def default_workers() -> int:
 @dataclasses.dataclass
 class EvalSettings:
     workers: int = dataclasses.field(default_factory=default_workers)
+    #: --vla-workers not given: the session may raise `workers` for a GPU model (see session.EvalSession.engine)
+    workers_auto: bool = False
     video: str = "none"
     video_dir: Path = Path("videos")
     video_format: str = "mp4"

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from vla_bench.errors import VlaBenchError
 from vla_bench.openvla import checkpoint, kind, tiny
 from vla_bench.openvla.lora import BaseModel
 from vla_bench.openvla.policy import OpenVLAPolicy
+from vla_bench.policies import BuildContext
 from vla_bench.policies.cache import ModelCache
 from vla_bench.registry import Registry
 
@@ -74,7 +74,7 @@ def test_base_is_loaded_once_and_stays_bit_identical_after_adapters(files):
     """Three adapter entries over one base load the base once and each distinct adapter once; the adapters change
     the outputs, and afterwards the base's logits are bit-identical to those it gave before any adapter existed."""
     registry = _registry(files, ENTRIES)
-    ctx = SimpleNamespace(registry=registry, suite="libero_spatial", cache=ModelCache())
+    ctx = BuildContext(registry, "libero_spatial", ModelCache())
     base_policy = kind.build(registry.get("base"), ctx)
     before = _run(base_policy)
     policies = {n: kind.build(registry.get(n), ctx) for n in ("lora1", "lora2", "lora1-again")}
@@ -133,7 +133,7 @@ def test_adapter_statistics_override_the_base(files, tmp_path):
         base = "b"
         adapter = "ad"
     """)
-    ctx = SimpleNamespace(registry=registry, suite="libero_goal", cache=ModelCache())
+    ctx = BuildContext(registry, "libero_goal", ModelCache())
     assert kind.build(registry.get("a"), ctx).unnorm_key == "libero_goal_no_noops"
     with pytest.raises(VlaBenchError, match="present: bridge_orig, libero_spatial_no_noops"):
         kind.build(registry.get("b"), ctx)

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from vla_bench.errors import VlaBenchError
-from vla_bench.policies import BuildContext, Capabilities, ModelCache, build_policy, capabilities_of
+from vla_bench.policies import BuildContext, Capabilities, ModelCache, build_policy, capabilities_of, check_policy
 from vla_bench.registry import Registry
 
 
@@ -50,7 +50,8 @@ def test_an_in_worker_policy_that_cannot_travel_is_refused_before_any_worker_sta
             self.lock = threading.Lock()
 
     with pytest.raises(VlaBenchError, match="in_worker is True but Unpicklable cannot be pickled"):
-        capabilities_of(Unpicklable())
+        check_policy(Unpicklable())
+    assert capabilities_of(Unpicklable()).in_worker  # reading the record does not pickle the policy
 
 
 def test_something_else_than_a_record_is_refused():
@@ -75,3 +76,12 @@ def test_the_older_attribute_protocol_is_translated():
     assert record.images and record.privileged and record.ground_truth and not record.in_worker
     assert record.frame_transform is transform and record.rendered_cameras == ("agentview",)
     assert capabilities_of(object()) == Capabilities()  # nothing declared: the record's own defaults
+
+
+def test_a_video_adds_the_agentview_and_only_it():
+    """The simulator renders the policy's cameras, plus the agentview when episodes are recorded, nothing more."""
+    wrist = Capabilities(images=True, cameras=("robot0_eye_in_hand",))
+    assert wrist.cameras_to_render(False) == ("robot0_eye_in_hand",)
+    assert wrist.cameras_to_render(True) == ("robot0_eye_in_hand", "agentview")
+    assert Capabilities(images=True).cameras_to_render(True) == ("agentview",)  # not twice
+    assert Capabilities().cameras_to_render(False) == () and Capabilities().cameras_to_render(True) == ("agentview",)

@@ -160,10 +160,7 @@ class TaskRun:
             todo = []
         capabilities = capabilities_of(self.policies[0])
         record_frames = settings.video != "none"
-        # cameras cost ~0.2 s per step each on a CPU: render only what the policy or the video needs
-        cameras = capabilities.rendered_cameras
-        if record_frames and "agentview" not in cameras:
-            cameras += ("agentview",)
+        cameras = capabilities.cameras_to_render(record_frames)
         # plus what the policy says identifies it beyond its identity string (a remote server's metadata)
         self.versions = {**library_versions(), **getattr(self.policies[0], "row_versions", {})}
         self.devices = [settings.device or device_description(p) for p in self.policies]

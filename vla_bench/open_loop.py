@@ -185,10 +185,9 @@ class EpisodePrediction:
     source: str = ""
 
 
-def _observation(episode: Mapping, t: int, policy) -> dict:
+def _observation(episode: Mapping, t: int, capabilities) -> dict:
     obs = {"state": episode["state"][t] if len(episode["state"]) else np.zeros(0, np.float32),
            "episode_id": episode["episode_id"], "step": t}
-    capabilities = capabilities_of(policy)
     if capabilities.images:
         for key in ("image", "wrist_image"):
             if key in episode:
@@ -204,6 +203,7 @@ def predict_episodes(policy, episodes: Iterable[Mapping], *, batch_size: int = 8
     if batch_size < 1:
         raise VlaBenchError(f"batch_size must be at least 1, got {batch_size}")
     source = iter(episodes)
+    capabilities = capabilities_of(policy)
     slots: dict[int, tuple[Mapping, int, list, int]] = {}  # slot -> (episode, next step, predictions, index)
     done: list[tuple[int, EpisodePrediction]] = []
     next_index = 0
@@ -222,7 +222,7 @@ def predict_episodes(policy, episodes: Iterable[Mapping], *, batch_size: int = 8
         fill(slot)
     while slots:
         active = sorted(slots)
-        observations = [_observation(slots[s][0], slots[s][1], policy) for s in active]
+        observations = [_observation(slots[s][0], slots[s][1], capabilities) for s in active]
         instructions = [slots[s][0]["instruction"] for s in active]
         actions = np.asarray(policy.act(observations, instructions, active), dtype=np.float64)
         if actions.shape != (len(active), 7):

@@ -316,8 +316,7 @@ def run_episodes(policy, pool, protocol, task_index: int, instruction: str, init
                  groups: int = 1) -> EngineStats:
     """One task's episodes on `pool` (a convenience over Scheduler for one job; the session uses Scheduler)."""
     capabilities = capabilities_of(policy)
-    spec = EnvSpec(protocol, task_index, capabilities.rendered_cameras + (("agentview",) if record_frames and
-                   "agentview" not in capabilities.rendered_cameras else ()), capabilities.privileged)
+    spec = EnvSpec(protocol, task_index, capabilities.cameras_to_render(record_frames), capabilities.privileged)
     scheduler = Scheduler(pool, groups)
     scheduler.add(Job(f"{protocol.suite} task{task_index + 1}", [policy], spec, instruction, init_indices,
                       lambda i: protocol.episode_seed(task_index, i), on_done, record_frames, capabilities))

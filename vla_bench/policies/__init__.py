@@ -6,7 +6,7 @@ import typing
 
 from .base import Policy
 from .cache import ModelCache
-from .capabilities import Capabilities, capabilities_of
+from .capabilities import Capabilities, capabilities_of, check_policy
 from .kinds import family_module
 
 if typing.TYPE_CHECKING:
@@ -27,8 +27,8 @@ def build_policy(spec: "CheckpointSpec", context: BuildContext) -> Policy:
     policy = family_module(spec.kind).build(spec, context)
     if not isinstance(policy, Policy):
         raise TypeError(f"kind {spec.kind!r} built {type(policy).__name__}, which is not a Policy")
-    capabilities_of(policy, spec.where())  # a wrong record is named now, not mid-run
+    check_policy(policy, spec.where())  # a wrong record is named now, not mid-run
     return policy
 
 
-__all__ = ["BuildContext", "Capabilities", "ModelCache", "Policy", "build_policy", "capabilities_of"]
+__all__ = ["BuildContext", "Capabilities", "ModelCache", "Policy", "build_policy", "capabilities_of", "check_policy"]

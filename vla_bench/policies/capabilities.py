@@ -1,7 +1,7 @@
 """What a policy needs from the environment and how it acts: one typed record per policy, the one home of the defaults.
 
 Every policy carries `capabilities` (a Capabilities). The engine, the open-loop suites and `vla-bench collect` read
-only this record; nothing probes policies attribute by attribute. `capabilities_of` checks the record when the policy
+only this record; nothing probes policies attribute by attribute. `check_policy` checks the record when the policy
 is built (build_policy calls it), so a wrong value is named there, with the kind, not as a crash mid-run.
 
 Policies written against the older protocol (class attributes `needs_images`, `needs_privileged`, `runs_in_worker`,
@@ -68,6 +68,12 @@ class Capabilities:
         """The cameras the simulator must render for this policy (none for a state-only policy)."""
         return tuple(self.cameras) if self.images else ()
 
+    def cameras_to_render(self, video: bool) -> tuple[str, ...]:
+        """The policy's cameras, plus the agentview when episodes are recorded as videos (~0.2 s per step and
+        camera on a CPU: nothing else is rendered)."""
+        cameras = self.rendered_cameras
+        return cameras + ("agentview",) if video and "agentview" not in cameras else cameras
+
 
 def _legacy(policy) -> Capabilities:
     """The record of a policy written against the older attribute protocol (see the module docstring)."""
@@ -80,14 +86,21 @@ def _legacy(policy) -> Capabilities:
 
 
 def capabilities_of(policy, where: str = "") -> Capabilities:
-    """The policy's checked capability record. `where` prefixes errors (e.g. the checkpoints.toml entry)."""
+    """The policy's capability record, its fields checked. `where` prefixes errors (e.g. the checkpoints.toml
+    entry). Cheap: callers read it where they need it."""
     record = getattr(policy, "capabilities", None)
     if record is None:
         record = _legacy(policy)
     elif not isinstance(record, Capabilities):
         raise VlaBenchError(f"{where}{type(policy).__name__}.capabilities must be a vla_bench Capabilities "
                             f"record, got {type(record).__name__}")
-    record.check(where)
+    return record.check(where)
+
+
+def check_policy(policy, where: str = "") -> Capabilities:
+    """capabilities_of, and for an in-worker policy that it can be pickled to the workers: what build_policy
+    checks once per policy (pickling a policy costs more than reading its record)."""
+    record = capabilities_of(policy, where)
     if record.in_worker:  # every worker gets a copy: refuse a policy that cannot travel, before any worker starts
         try:
             pickle.dumps(policy)

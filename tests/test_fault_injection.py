@@ -61,7 +61,7 @@ def episode_rows(db: Path) -> list[tuple]:
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         return c.execute("SELECT checkpoint, task_index, init_index, seed, success, steps, error FROM episodes "
-                         "ORDER BY init_index").fetchall()
+                         "ORDER BY task_index, init_index").fetchall()
 
 
 @pytest.mark.sim

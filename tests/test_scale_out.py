@@ -16,6 +16,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
+from tests.test_fault_injection import episode_rows
 from vla_bench.results import EpisodeRecord, ResultsStore
 
 # ---------------------------------------------------------------------------------------------- concurrent writers
@@ -145,13 +146,6 @@ SCALE_TOML = ('default = "random"\n[checkpoints.random]\nkind = "random"\n'
               '[thresholds.libero_spatial]\ndefault = 0.0\n')
 #: two short episodes of the seeded random control on two tasks: cheap, and every row has its own seed
 COMMON = ["suites/libero_spatial", "-k", "task1 or task2", "--episodes", "2", "--max-steps", "5"]
-
-
-def episode_rows(db) -> list[tuple]:
-    with sqlite3.connect(db) as c:
-        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        return c.execute("SELECT checkpoint, task_index, init_index, seed, success, steps, error FROM episodes "
-                         "ORDER BY task_index, init_index").fetchall()
 
 
 @pytest.mark.sim

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from .results import EpisodeRecord
+from .results import EPISODE_KEY, EpisodeRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ def _outcome(r: EpisodeRecord) -> str:
 
 
 def episode_key(r: EpisodeRecord) -> tuple:
-    return (r.identity, r.suite, r.task_index, r.protocol_key, r.init_index)
+    return tuple(getattr(r, column) for column in EPISODE_KEY)
 
 
 def merge_records(sources: Sequence[tuple[str, list[EpisodeRecord]]]) \

@@ -118,8 +118,8 @@ _COLUMNS = [f.name for f in dataclasses.fields(EpisodeRecord)]
 #: columns added after the first release of the schema, with their SQL types
 _ADDED_COLUMNS = {"scene_check": "TEXT", "arm_magnitude": "REAL", "near_zero": "REAL", "gripper_switches": "INTEGER",
                   "stop_reason": "TEXT", "workers": "INTEGER", "replica": "INTEGER"}
-#: the key of an episode row, which its trajectory row shares
-_EPISODE_KEY = ("identity", "suite", "task_index", "protocol_key", "init_index")
+#: the key of an episode row (what resume and report merging match on), which its trajectory row shares
+EPISODE_KEY = ("identity", "suite", "task_index", "protocol_key", "init_index")
 
 
 class ResultsStore:
@@ -184,8 +184,8 @@ class ResultsStore:
         that replaces an earlier one (a retried error) drops the earlier row's trajectory. Another process holding
         the store's lock is waited for (_retrying)."""
         row = _row(record)
-        key = [row[_COLUMNS.index(c)] for c in _EPISODE_KEY]
-        where = " AND ".join(f"{c} = ?" for c in _EPISODE_KEY)
+        key = [row[_COLUMNS.index(c)] for c in EPISODE_KEY]
+        where = " AND ".join(f"{c} = ?" for c in EPISODE_KEY)
 
         def insert() -> None:
             self.db.execute("BEGIN IMMEDIATE")  # take the write lock first: concurrent writers queue, never deadlock
@@ -194,7 +194,7 @@ class ResultsStore:
                                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
                 self.db.execute(f"DELETE FROM trajectories WHERE {where}", key)
                 if trajectory is not None:
-                    self.db.execute(f"INSERT INTO trajectories ({', '.join(_EPISODE_KEY)}, data) "
+                    self.db.execute(f"INSERT INTO trajectories ({', '.join(EPISODE_KEY)}, data) "
                                     "VALUES (?,?,?,?,?,?)", [*key, sqlite3.Binary(trajectory)])
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -211,7 +211,7 @@ class ResultsStore:
 
         if "trajectories" not in self._tables():  # a store written before trajectories, opened read-only
             return None
-        where = " AND ".join(f"{c} = ?" for c in _EPISODE_KEY)
+        where = " AND ".join(f"{c} = ?" for c in EPISODE_KEY)
         row = self.db.execute(f"SELECT data FROM trajectories WHERE {where}",
                               (identity, suite, task_index, protocol_key, init_index)).fetchone()
         return None if row is None else EpisodeTrace.from_blob(bytes(row[0]))

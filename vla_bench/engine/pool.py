@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import sys
 import traceback
 from multiprocessing.connection import wait as wait_for_connections
 from typing import Any
@@ -76,7 +77,7 @@ def _worker(conn) -> None:
             if command == "keep":  # ("keep", key, object): a policy or transform this worker will be asked to use
                 key, obj = args
                 kept[key] = obj
-                if not torch_threads_set and "torch" in __import__("sys").modules:
+                if not torch_threads_set and "torch" in sys.modules:  # a frame transform brought torch in
                     import torch  # only after the simulator (see policies/base.py), and one thread of it
 
                     torch.set_num_threads(1)
@@ -191,8 +192,7 @@ class WorkerPool:
         if conn in self._pending:
             raise RuntimeError(f"slot {slot} already has a command in flight")
         self._pending[conn] = slot
-        if not self._send(slot, (command, spec, *args)):
-            pass  # the worker is gone: wait() reads the dead pipe and answers with the error
+        self._send(slot, (command, spec, *args))  # a dead worker: wait() reads its pipe and answers with the error
 
     @property
     def busy(self) -> set[int]:

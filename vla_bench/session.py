@@ -7,6 +7,7 @@ and their heavy parts (models) are shared through one ModelCache.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -121,16 +122,20 @@ class EvalSession:
     def engine(self):
         """The session's Scheduler over one WorkerPool, sized for the episodes planned so far."""
         if self._engine is None:
+            from .engine import sizing
             from .engine.pool import WorkerPool
             from .engine.scheduler import Scheduler
 
             runs = [r for r in self._runs.values() if isinstance(r, TaskRun)]
             todo = sum(len(r.job.todo) for r in runs)
-            if self.settings.workers_auto and any(d.startswith("cuda") for r in runs if not r.job.capabilities.in_worker
-                                                  for d in r.devices):
-                # a GPU model: enough slots that each group's batch is large and the simulator keeps up with it
-                self.settings.workers *= GPU_WORKERS_PER_CORE
+            if self.settings.workers_auto:
+                if any(d.startswith("cuda") for r in runs if not r.job.capabilities.in_worker for d in r.devices):
+                    # a GPU model: enough slots that each group's batch is large and the simulator keeps up with it
+                    self.settings.workers *= GPU_WORKERS_PER_CORE
+                self.settings.workers = sizing.auto_workers(self.settings.workers)  # and no more than memory holds
                 self.settings.workers_auto = False
+            elif (warning := sizing.memory_warning(min(self.settings.workers, todo))) is not None:
+                warnings.warn(warning, stacklevel=2)
             self._engine = Scheduler(WorkerPool(max(1, min(self.settings.workers, todo))), self.settings.groups,
                                      on_episode=lambda job, outcome: self.on_episode and self.on_episode(job, outcome))
             for run in runs:

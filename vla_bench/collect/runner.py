@@ -196,7 +196,9 @@ def collect(suite: str, tasks: Sequence[int], n_demos: int, out_dir: str | os.Pa
                                 description=f"{suite} {task.summary.task_id} ({task.summary.failed} failed)")
 
     todo = [t for t in states.values() if needs_work(t)]
-    n_workers = max(1, min(workers or os.cpu_count() or 1,
+    from ..engine.sizing import auto_workers
+
+    n_workers = max(1, min(workers or auto_workers(os.cpu_count() or 1),
                            sum(n_demos - t.summary.kept for t in todo) or 1))
     if todo:
         _run_workers(states, n_workers, protocol, cameras, policy, infos, needs_work, seed_of, flush, action_noise)

@@ -83,14 +83,21 @@ class EngineStats:
     actions: int = 0  # executed control steps, lockstep and in-worker
     batches: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # act() sizes
     prepare_s: float = 0.0  # warm-up before the first episodes (graph captures), not part of wall_s
+    wait_s: float = 0.0  # time blocked waiting for simulator answers with no batch ready (the policy idle)
 
     @property
     def busy(self) -> float:
         return self.policy_s / self.wall_s if self.wall_s else 0.0
 
+    @property
+    def sim_wait(self) -> float:
+        """The share of wall time the loop waited for the simulators; 1 - busy - sim_wait is the loop's own work."""
+        return self.wait_s / self.wall_s if self.wall_s else 0.0
+
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall_s, 3), "prepare_s": round(self.prepare_s, 3),
                 "policy_s": round(self.policy_s, 3), "gpu_busy": round(self.busy, 4),
+                "wait_s": round(self.wait_s, 3), "sim_wait": round(self.sim_wait, 4),
                 "episodes": self.episodes, "actions": self.actions,
                 "actions_per_s": round(self.actions / self.wall_s, 2) if self.wall_s else 0.0,
                 "batches": {str(k): v for k, v in sorted(self.batches.items())}}
@@ -137,7 +144,10 @@ class Scheduler:
                     continue
                 if not self.pool.busy:
                     break  # nothing running and nothing to start
-                for slot, answer in self.pool.wait().items():
+                waited = time.perf_counter()
+                answers = self.pool.wait()
+                self.stats.wait_s += time.perf_counter() - waited
+                for slot, answer in answers.items():
                     self._answer(slot, answer)
         finally:
             self.stats.wall_s = wall_before + time.perf_counter() - started

@@ -161,3 +161,55 @@ def choose_grasp(candidates, obstacles, toward_robot, exclude=()):
         if score > best_score:
             best, best_score = k, score
     return best
+
+
+#: directions and distances (m) tried, shortest first, when a held object must leave from under an overhang
+ESCAPE_DIRECTIONS = 32
+ESCAPE_MAX = 0.20
+ESCAPE_STEP = 0.01
+ESCAPE_MARGIN = 0.01  # from what is above; from what stands beside, none: the boxes of round things already have it
+
+
+def _overlap_xy(lo, hi, box_lo, box_hi, margin) -> np.ndarray:
+    """Which boxes overlap the xy rectangle [lo, hi] grown by margin."""
+    return ((box_lo[:, 0] < hi[0] + margin) & (box_hi[:, 0] > lo[0] - margin)
+            & (box_lo[:, 1] < hi[1] + margin) & (box_hi[:, 1] > lo[1] - margin))
+
+
+def escape_shift(footprints, above_lo, above_hi, beside_lo, beside_hi, beside_footprints=None, path=True):
+    """The shortest horizontal shift (world xy, m) that takes every footprint (xy rectangles (lo, hi): the held object,
+    the hand) out from under the boxes `above` (AABBs over the object: an open drawer, a shelf), without running a
+    footprint (or each of `beside_footprints`, when given) into the boxes `beside` (AABBs at the object's own height);
+    a zero shift when nothing is above, None when no shift up to ESCAPE_MAX frees it. `path`: the way there, sampled at
+    its middle, must be clear too (False: only where it ends, for an object carried over what is beside it). Lifting straight up under an overhang jams the object against it and the grip
+    slips (LIBERO-Goal task4: the opened top drawer reaches over the bowl)."""
+    above_lo, above_hi = np.asarray(above_lo).reshape(-1, 3), np.asarray(above_hi).reshape(-1, 3)
+    beside_lo, beside_hi = np.asarray(beside_lo).reshape(-1, 3), np.asarray(beside_hi).reshape(-1, 3)
+
+    def free(shift, lo_boxes, hi_boxes, rectangles=footprints, margin=ESCAPE_MARGIN):
+        return not any(_overlap_xy(lo + shift, hi + shift, lo_boxes, hi_boxes, margin).any() for lo, hi in rectangles)
+
+    beside_footprints = footprints if beside_footprints is None else beside_footprints
+
+    zero = np.zeros(2)
+    if free(zero, above_lo, above_hi):
+        return zero
+    angles = 2 * math.pi * np.arange(ESCAPE_DIRECTIONS) / ESCAPE_DIRECTIONS
+    directions = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    for distance in np.arange(ESCAPE_STEP, ESCAPE_MAX + 1e-9, ESCAPE_STEP):
+        for d in directions:
+            shift = d * distance
+            # the whole way must stay clear of what stands beside the object, not only the end
+            if free(shift, above_lo, above_hi) and all(free(shift * f, beside_lo, beside_hi, beside_footprints, 0.0)
+                                                       for f in ((0.5, 1.0) if path else (1.0,))):
+                return shift
+    return None
+
+
+def hand_footprint(grip_xy, finger_axis):
+    """The xy rectangle (lo, hi) covered by the hand (not the fingers) with its grip site over grip_xy."""
+    (cx, cy, _), (hx, hy, _) = GRIPPER_BOXES[0]
+    u = np.array([finger_axis[0], finger_axis[1]], dtype=float)
+    u /= np.linalg.norm(u)
+    ext = np.abs(u) * hy + np.abs(np.array([u[1], -u[0]])) * hx
+    return np.asarray(grip_xy)[:2] - ext, np.asarray(grip_xy)[:2] + ext

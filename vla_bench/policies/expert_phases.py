@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .expert_geometry import (BODY_GRASP_WIDTH, R_DOWN, axis_angle, choose_grasp, choose_yaw, hand_clearance, hand_yaw,
-                              quat_xyzw_to_mat, rot_z, world_aabbs, wrap, yaw_for_axis)
+from .expert_geometry import (BODY_GRASP_WIDTH, R_DOWN, axis_angle, choose_grasp, choose_yaw, escape_shift,
+                              hand_clearance, hand_footprint, hand_yaw, quat_xyzw_to_mat, rot_z, world_aabbs, wrap,
+                              yaw_for_axis)
 
 if TYPE_CHECKING:  # annotations only: scripted.py imports this module
     from .scripted import _Episode, _View
@@ -29,6 +30,8 @@ CLOSE_WITHIN = {False: 0.006, True: 0.015}  # the gripper closes this near the g
 RELEASE_ABOVE = {False: 0.012, True: 0.03}  # it opens with the object's bottom this far above its rest (m)
 FINGERS_STOPPED = 0.0005  # "decisive" lifts once the finger gap changes less than this per step (m)
 PLACE_CLEARANCE = 0.008  # the lowering aims the object's bottom this far above what it will rest on
+SLIDE_RISE = 0.012  # a held object slides out from under an overhang this far above where it stood (m)
+ESCAPE_ABOVE = 0.25  # what starts within this height over a gripped object's top is in the way of its lift (m)
 
 
 def _knob_joint(scene, name):
@@ -156,11 +159,12 @@ class _TurnOn:
 
 
 class _PickPlace:
-    """Pick `obj` and put it on / in `dest` (an entity or a region site)."""
+    """Pick `obj` and put it on / in `dest` (an entity or a region site, or a world xy point on what is below it)."""
 
     APPROACH_TIMEOUT = 60
     DESCEND_TIMEOUT = 25
     MAX_ATTEMPTS = 6
+    RETREAT_STEPS = 10  # up from the released object before the next skill
 
     def __init__(self, obj: str, dest: str, relation: str, episode: _Episode):
         self.obj, self.dest, self.relation, self.ep = obj, dest, relation, episode
@@ -183,7 +187,9 @@ class _PickPlace:
     def _dest_xy_and_floor(self, v: _View, obj_bottom: float):
         """Where the object's origin should end up (xy) and the top of what it will rest on there."""
         i = v.index(self.obj)
-        if self.dest in v.s["sites"]:
+        if not isinstance(self.dest, str):  # a point on the table (skills that move an object out of the way)
+            xy = np.asarray(self.dest, dtype=float)[:2]
+        elif self.dest in v.s["sites"]:
             site = v.s["sites"][self.dest]
             xy = np.asarray(site["pos"][:2], dtype=float)
             from . import skills
@@ -253,6 +259,17 @@ class _PickPlace:
                 u /= np.linalg.norm(u)
                 cands.append((point, u, u))
         return cands
+
+    def _escape(self, v: _View, eef) -> np.ndarray | None:
+        """The horizontal shift that takes the gripped object and the hand out from under whatever is above them
+        (geometry.escape_shift); zero when the way up is free."""
+        i = v.index(self.obj)
+        wlo, whi = v.world_extent(i)
+        lo, hi = world_aabbs(*v.boxes(~v.own(i)))
+        above = (lo[:, 2] > whi[2] - 0.005) & (lo[:, 2] < whi[2] + ESCAPE_ABOVE)
+        beside = (lo[:, 2] < whi[2]) & (hi[:, 2] > wlo[2] + 0.005)
+        footprints = [(wlo[:2], whi[:2]), hand_footprint(eef[:2], self.grasp_axis)]
+        return escape_shift(footprints, lo[above], hi[above], lo[beside], hi[beside])
 
     def _others_z(self, v: _View) -> np.ndarray:
         movable = ~np.asarray(v.s["is_fixture"], dtype=bool)
@@ -328,8 +345,26 @@ class _PickPlace:
                     self.lift_from = float(p[2])
                     self.lift_eef = eef.copy()
                     self.others_z = self._others_z(v)
-                    self._go("lift")
+                    shift = self._escape(v, eef)
+                    if shift is not None and np.linalg.norm(shift) > 0:
+                        self.slide_to = eef + np.array([shift[0], shift[1], SLIDE_RISE])
+                        self.slide_obj_from = p.copy()
+                        self._go("slide")
+                    else:
+                        self._go("lift")
             return move_action(obs, g, yaw, CLOSE)
+
+        if self.phase == "slide":  # out from under an overhang, just above where the object stood
+            moved_hand = eef - self.lift_eef
+            moved_obj = p - self.slide_obj_from
+            if np.linalg.norm((moved_obj - moved_hand)[:2]) > 0.03:  # it stays behind: the grip is lost
+                self.failed.add(k)
+                self._go("regrasp")
+            elif np.linalg.norm((self.slide_to - eef)[:2]) < 0.01 or self.t > 40:
+                self.lift_from = float(p[2])
+                self.lift_eef = eef.copy()
+                self._go("lift")
+            return move_action(obs, self.slide_to, yaw, CLOSE)
 
         if self.phase == "lift":
             if self.ep.fumble and self.t >= 3:
@@ -392,7 +427,7 @@ class _PickPlace:
             return move_action(obs, eef, yaw, OPEN)
 
         if self.phase == "retreat":
-            if self.t >= 10:
+            if self.t >= self.RETREAT_STEPS:
                 return None
             return move_action(obs, self.retreat_to, yaw, OPEN)
 

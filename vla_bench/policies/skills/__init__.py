@@ -25,12 +25,14 @@ def instead_of_pick(pred, view, episode):
 def prerequisites(pred, view, episode) -> list:
     """Skills that must run before pick-and-place can achieve `pred`: In(X, a drawer's region) needs the drawer open
     (LIBERO-Goal's "open the top drawer and put the bowl inside" states only the In)."""
-    from .drawer import drawer_skill
+    from .drawer import drawer_skill, out_from_under
 
     if len(pred) == 3 and pred[0] == "in" and pred[2] in view.s["site_joints"]:
         skill = drawer_skill(["open", pred[2]], view, episode)
         if skill is not None and not skill.reached(view):
-            return [skill]
+            # what would end up under the opened drawer is moved aside first: neither the hand nor the lift can get
+            # at it there (LIBERO-Goal task4: the top drawer opens over the bowl)
+            return out_from_under(pred[1], skill, view, episode) + [skill]
     return []
 
 
@@ -47,9 +49,9 @@ def place_offset(dest: str, view):
 DRAWER_FRONT_BIAS = 0.02  # m: the bowl's rim then clears the cabinet's face by ~2 cm and its front wall by ~1 cm
 
 
-#: the order skills run in, by kind: what changes the scene's layout for the rest runs first (a drawer opened before
-#: something is put in it), what closes it last
-ORDER = {"open": 1, "close": 3}
+#: the order skills run in, by kind: what makes way for a drawer first, then what changes the scene's layout for the
+#: rest (a drawer opened before something is put in it), what closes it last
+ORDER = {"clear": 0, "open": 1, "close": 3}
 
 
 def order_key(skill) -> int:

@@ -1,10 +1,11 @@
 """Open or close a drawer (a slide joint of a fixture's region): the goal predicates Open(REGION) / Close(REGION).
 
-The hand turns horizontal, pointing into the drawer's front. To open, the fingers stand vertical and close around the
+To open, the hand turns horizontal, pointing into the drawer's front, the fingers stand vertical and close around the
 handle bar from the front (a top-down grasp cannot: the bar sits 1.6 cm in front of the drawer face, below its top
-edge), then the hand pulls along the slide until the joint is past the open threshold. To close, the fingers lie
-horizontal and closed and push the front back in (vertical fingers would put the 20 cm wide hand into the table in
-front of a bottom drawer).
+edge), then the hand pulls along the slide until the joint is past the open threshold. To close, the closed
+fingertips of the downward hand, leaning towards the cabinet, push the handle back in (a hand turned horizontal could
+not get in front of a drawer that opens towards the robot; vertical fingers would put the 20 cm wide hand into the
+table in front of a bottom drawer).
 
 Which way is "open" comes from the fixture's own ranges (LIBERO's `default_open_ranges` / `default_close_ranges`):
 the open range lies on one side of the closed one, and the predicates test the joint against the near end of each.
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..expert_geometry import (R_DOWN, axis_angle, choose_yaw, escape_shift, hand_clearance, hand_yaw,
-                               quat_xyzw_to_mat, rot_z, world_aabbs, yaw_for_axis)
-from ..expert_phases import CLOSE, OPEN, POS_GAIN, ROT_GAIN, _PickPlace, move_action
+from ..expert_geometry import (R_DOWN, axis_angle, escape_shift, hand_clearance, quat_xyzw_to_mat, rot_z,
+                               world_aabbs, yaw_for_axis)
+from ..expert_phases import CLOSE, OPEN, POS_GAIN, ROT_GAIN, _PickPlace
 from ..scripted import _View
 
 HAND_REACH = 0.105  # how far the hand reaches along its finger axis from the grip site (m)
@@ -26,6 +27,7 @@ OVERSHOOT = 0.03
 PUSH_OFFSET = 0.022  # to close, the downward hand's grip site stops this far in front of the handle's centre (m)
 PUSH_ABOVE = 0.015  # and this far above it: the forearm, above the hand, then clears the cabinet's top edge
 MOVE_STEP = 0.05  # the pull / push target runs at most this far ahead of the handle (m)
+CLOSE_TILT = 0.6  # rad: to close, the downward hand leans this far towards the cabinet (0.6 and 0.9 measured alike)
 
 
 def drawer_skill(pred, view: _View, episode):
@@ -215,30 +217,35 @@ class _Drawer:
             if self.attempts > self.MAX_ATTEMPTS:
                 return None
             if self.want == "close":
+                self.finger_sign = None  # chosen again for each attempt's frame
                 self.push_at = self._push_point(v, handle, d_open) - handle
-                R = quat_xyzw_to_mat(obs["robot0_eef_quat"])
-                self.yaw = choose_yaw(yaw_for_axis(np.cross([0.0, 0.0, 1.0], d_open)), hand_yaw(R),
-                                      float(obs["robot0_joint_pos"][6]), np.asarray(v.s["robot_base"])[:2],
-                                      eef[:2], (handle + self.push_at)[:2])
             self._go("reorient")
         if self.want == "open":
             return self._open(obs, v, q, sign, d_open, eef, handle)
         return self._close(obs, q, d_open, eef, handle)
 
     def _close(self, obs, q, d_open, eef, handle):
-        """Push the handle back with the closed fingertips of the downward hand."""
+        """Push the handle back with the closed fingertips of the hand pointing down and tilted CLOSE_TILT towards the
+        cabinet: the fingertips lead and the forearm stays back (pointing straight down, the forearm of the arm
+        reaching a bottom drawer met the cabinet's base 5 cm before the drawer closed: LIBERO-10 task4, 0/50)."""
         point = handle + self.push_at
+        closing = -d_open
+        approach = np.array([0.0, 0.0, -1.0]) * np.cos(CLOSE_TILT) + closing * np.sin(CLOSE_TILT)
+        bar = np.cross([0.0, 0.0, 1.0], d_open)
+        if self.finger_sign is None:
+            self.finger_sign = min((1.0, -1.0), key=lambda k: rotation_error(obs, hand_frame(approach, k * bar)))
+        R_target = hand_frame(approach, self.finger_sign * bar)
         if self.phase == "reorient":
             target = point + np.array([0.0, 0.0, 0.10])
             if np.linalg.norm(target[:2] - eef[:2]) > 0.04:
                 target[2] = max(target[2], eef[2])  # go over, then down
-            if np.linalg.norm(target - eef) < 0.015 or self.t > 80:
+            if (np.linalg.norm(target - eef) < 0.015 and rotation_error(obs, R_target) < 0.1) or self.t > 80:
                 self._go("lower")
-            return move_action(obs, target, self.yaw, CLOSE)
+            return pose_action(obs, target, R_target, CLOSE)
         if self.phase == "lower":
             if np.linalg.norm(point - eef) < 0.008 or self.t > 40:
                 self._go("move")
-            return move_action(obs, point, self.yaw, CLOSE)
+            return pose_action(obs, point, R_target, CLOSE)
         if self.phase == "move":
             lost = float(np.linalg.norm((eef - point)[:2])) > 0.03
             if is_reached(q, "close", self.ranges) or self.t > 80 or lost:
@@ -247,20 +254,40 @@ class _Drawer:
             edge = self.ranges["default_close_ranges"]
             goal = min(edge) if open_sign(self.ranges) > 0 else max(edge)
             remaining = abs(goal - q) + OVERSHOOT
-            return move_action(obs, point - d_open * min(remaining, MOVE_STEP), self.yaw, CLOSE)
+            return pose_action(obs, point - d_open * min(remaining, MOVE_STEP), R_target, CLOSE)
         if self.phase == "retreat":
             if self.t >= 10:
-                self._go("plan")  # done, or another attempt if the joint is not there yet
-            return move_action(obs, self.retreat_to, self.yaw, CLOSE)
+                self._go("restore")
+            return pose_action(obs, self.retreat_to, R_target, CLOSE)
+        if self.phase == "restore":
+            return self._restore(obs, eef, d_open)
         raise AssertionError(f"unknown phase {self.phase}")
+
+    def _horizontal_frame(self, obs, d_open, fingers):
+        """The hand turned horizontal, pointing into the drawer front, fingers along `fingers`: of the two frames
+        (the fingers are symmetric under a half turn about the approach axis), the one nearer the hand's own."""
+        if self.finger_sign is None:
+            self.finger_sign = min((1.0, -1.0), key=lambda k: rotation_error(obs, hand_frame(-d_open, k * fingers)))
+        return hand_frame(-d_open, self.finger_sign * fingers)
+
+    def _restore(self, obs, eef, d_open):
+        """Point the hand down again before the next skill: its controllers assume a downward hand, and turning
+        while they move would lift the hand (their "go over, then down" keeps the highest point reached). Of the two
+        downward frames (fingers along the slide), the one nearer the reset yaw: the other can leave joint 7 near
+        its limit for the next skill. And head back towards the reset pose: from beside the cabinet the arm reached
+        the next grasp in a posture that stalled it short of the target (LIBERO-Goal task4, 4 of 5 inits); once
+        the hand points down the next skill goes on from where this one got (waiting to arrive cost task4 ~6 of its
+        300 steps)."""
+        yaw = min((yaw_for_axis(k * d_open) for k in (1.0, -1.0)), key=abs)
+        R_down = rot_z(yaw) @ R_DOWN
+        home = np.array([HOME[0], HOME[1], max(HOME[2], self.retreat_to[2])])
+        if rotation_error(obs, R_down) < 0.2 or self.t > 40:
+            self._go("plan")  # done, or another attempt if the joint is not there yet
+        return pose_action(obs, home, R_down, OPEN)
 
     def _open(self, obs, v, q, sign, d_open, eef, handle):
         """Grasp the handle bar from the front with the hand turned horizontal, fingers vertical, and pull."""
-        fingers = np.array([0.0, 0.0, 1.0])
-        # the fingers are symmetric under a half turn about the approach axis: of the two frames, the nearer one
-        if self.finger_sign is None:
-            self.finger_sign = min((1.0, -1.0), key=lambda k: rotation_error(obs, hand_frame(-d_open, k * fingers)))
-        R_target = hand_frame(-d_open, self.finger_sign * fingers)
+        R_target = self._horizontal_frame(obs, d_open, np.array([0.0, 0.0, 1.0]))
         if self.phase == "reorient":
             # turn and travel above everything (the turned hand reaches HAND_REACH below the grip site), then
             # come down in front of the handle
@@ -301,17 +328,5 @@ class _Drawer:
                 self._go("restore")
             return pose_action(obs, self.retreat_to, R_target, OPEN)
         if self.phase == "restore":
-            # point the hand down again before the next skill: its controllers assume a downward hand, and turning
-            # while they move would lift the hand (their "go over, then down" keeps the highest point reached)
-            # of the two downward frames (fingers along the slide), the one nearer the reset yaw: the other can leave
-            # joint 7 near its limit for the next skill
-            yaw = min((yaw_for_axis(k * d_open) for k in (1.0, -1.0)), key=abs)
-            R_down = rot_z(yaw) @ R_DOWN
-            # and head back towards the reset pose: from beside the cabinet the arm reached the next grasp in a
-            # posture that stalled it short of the target (LIBERO-Goal task4, 4 of 5 inits); once the hand points
-            # down the next skill goes on from where this one got (waiting to arrive cost task4 ~6 of its 300 steps)
-            home = np.array([HOME[0], HOME[1], max(HOME[2], self.retreat_to[2])])
-            if rotation_error(obs, R_down) < 0.2 or self.t > 40:
-                self._go("plan")  # done, or another attempt if the joint is not there yet
-            return pose_action(obs, home, R_down, OPEN)
+            return self._restore(obs, eef, d_open)
         raise AssertionError(f"unknown phase {self.phase}")

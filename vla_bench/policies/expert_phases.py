@@ -30,6 +30,13 @@ CLOSE_WITHIN = {False: 0.006, True: 0.015}  # the gripper closes this near the g
 RELEASE_ABOVE = {False: 0.012, True: 0.03}  # it opens with the object's bottom this far above its rest (m)
 FINGERS_STOPPED = 0.0005  # "decisive" lifts once the finger gap changes less than this per step (m)
 PLACE_CLEARANCE = 0.008  # the lowering aims the object's bottom this far above what it will rest on
+SHARED_SPREAD = 0.6  # objects sharing a region go this share of its half size from its centre, on its diagonal
+CLOSED_TOP_RADIUS = 0.02  # a wide object whose top band lies this near its centre has no rim to pinch (m)
+HANDLE_WIDTH = 0.02  # a handle is at most this wide across (m) and at least this long
+HANDLE_OFF_CENTRE = 0.03  # and its centre this far from the object's (m)
+HANDLE_MIN_HEIGHT = 0.03  # and this tall: a grip, not a lid's knob (m)
+HANDLE_MAX_SHARE = 0.6  # and at most this share of the object's height: the walls of its body run the whole height
+PALM_ABOVE = 0.026  # the grip site this far below the top of what is under the hand: the palm 2.4 cm above it clears
 SLIDE_RISE = 0.012  # a held object slides out from under an overhang this far above where it stood (m)
 ESCAPE_ABOVE = 0.25  # what starts within this height over a gripped object's top is in the way of its lift (m)
 
@@ -174,6 +181,7 @@ class _PickPlace:
         self.attempts = 0
         self.grasp = None  # (point in object frame, world finger axis, yaw, candidate index)
         self.width_before: float | None = None  # the finger gap one step ago, while closing ("decisive")
+        self.share: tuple[int, int] | None = None  # (k, n): the k-th of n objects put On the same region
 
     def _go(self, phase):
         self.phase, self.t = phase, 0
@@ -197,6 +205,10 @@ class _PickPlace:
             shift = skills.place_offset(self.dest, v)  # a drawer: towards its open side
             if shift is not None:
                 xy = xy + shift
+            if self.share is not None:  # one of several objects going on this region: its own part of it
+                k, n = self.share
+                half = np.asarray(site.get("half", np.zeros(3)), dtype=float)[:2]
+                xy = xy + (k - (n - 1) / 2) * 2 / max(n - 1, 1) * SHARED_SPREAD * half
         else:
             xy = v.s["pos"][v.index(self.dest)][:2].astype(float)
         c, m, h = v.boxes(~v.own(i))
@@ -237,6 +249,10 @@ class _PickPlace:
             c, m, h = v.boxes(v.own(i))
             top_band = (c[:, 2] + np.einsum("nj,nj->n", np.abs(m[:, 2, :]), h)) > top - 0.015
             radii = np.linalg.norm((c[top_band] - centre)[:, :2], axis=1)
+            if top_band.any() and float(np.median(radii)) < CLOSED_TOP_RADIUS:
+                handles = self._handle_grasps(v, i, centre)  # no rim to pinch (a moka pot's lid): its handle
+                if handles:
+                    return handles
             r = float(np.median(radii)) if top_band.any() else float(min(hi[a] - lo[a] for a in across) / 2)
             z = top - 0.02
             for k in range(8):
@@ -259,6 +275,31 @@ class _PickPlace:
                 u /= np.linalg.norm(u)
                 cands.append((point, u, u))
         return cands
+
+    def _handle_grasps(self, v: _View, i: int, centre) -> list:
+        """Grasps across the narrow parts that stick out of an object too wide to grasp whole (a moka pot's handle):
+        a geom at most HANDLE_WIDTH across and off the centre, the tallest first; the grip site sits low enough for
+        the fingers to close on it and high enough for the palm to clear the top of what is under the hand."""
+        lo, hi = world_aabbs(*v.boxes(v.own(i)))
+        size = hi - lo
+        found = []
+        for k in range(len(lo)):
+            narrow = int(np.argmin(size[k, :2]))
+            mid = (lo[k] + hi[k]) / 2
+            if size[k, narrow] > HANDLE_WIDTH or size[k, 1 - narrow] < HANDLE_WIDTH:
+                continue
+            if np.linalg.norm(mid[:2] - centre[:2]) < HANDLE_OFF_CENTRE or size[k, 2] < HANDLE_MIN_HEIGHT:
+                continue
+            if size[k, 2] > HANDLE_MAX_SHARE * (hi[:, 2].max() - lo[:, 2].min()):
+                continue  # as tall as the object: a wall of its body
+            under = ((lo[:, 0] < hi[k, 0]) & (hi[:, 0] > lo[k, 0]) & (lo[:, 1] < hi[k, 1]) & (hi[:, 1] > lo[k, 1]))
+            z = float(hi[under, 2].max()) - PALM_ABOVE
+            u = np.zeros(3)
+            u[narrow] = 1.0
+            found.append((size[k, 2], (np.array([mid[0], mid[1], z]), u, u)))
+            found.append((size[k, 2], (np.array([mid[0], mid[1], z]), -u, -u)))
+        found.sort(key=lambda f: -f[0])
+        return [grasp for _, grasp in found]
 
     def _escape(self, v: _View, eef) -> np.ndarray | None:
         """The horizontal shift that takes the gripped object and the hand out from under whatever is above them

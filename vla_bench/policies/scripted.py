@@ -219,6 +219,14 @@ def plan_tasks(scene, episode) -> list:
             tasks.append(_TurnOn(pred[1], episode))
         else:
             tasks.extend(skills.skills_for(pred, view, episode))
+    # several objects On one region (both moka pots on the stove's cook region, 15 cm square) each get a part of it:
+    # at its centre the second landed on the first
+    sharing = [t for t in tasks if type(t) is _PickPlace and t.relation == "on" and t.dest in scene["sites"]]
+    for dest in {t.dest for t in sharing}:
+        mine = [t for t in sharing if t.dest == dest]
+        if len(mine) > 1:
+            for k, t in enumerate(mine):
+                t.share = (k, len(mine))
     # switching something on is done first: the objects placed later would be in the hand's way; then the skills'
     # own order (drawers opened before, closed after what goes in them)
     tasks.sort(key=lambda t: 0 if isinstance(t, _TurnOn) else skills.order_key(t))

@@ -306,8 +306,14 @@ class _PickPlace:
         (geometry.escape_shift); zero when the way up is free."""
         i = v.index(self.obj)
         wlo, whi = v.world_extent(i)
-        lo, hi = world_aabbs(*v.boxes(~v.own(i)))
-        above = (lo[:, 2] > whi[2] - 0.005) & (lo[:, 2] < whi[2] + ESCAPE_ABOVE)
+        others = ~v.own(i)
+        lo, hi = world_aabbs(*v.boxes(others))
+        # a body is above the object when all of it is (an open drawer), not when only its upper parts are (the
+        # handle of a moka pot standing beside a frying pan)
+        body = np.asarray(v.s["geom_body"])[others]
+        lowest = {b: lo[body == b, 2].min() for b in set(body.tolist())}
+        bottom_of_body = np.array([lowest[b] for b in body.tolist()])
+        above = (bottom_of_body > whi[2] - 0.005) & (bottom_of_body < whi[2] + ESCAPE_ABOVE)
         beside = (lo[:, 2] < whi[2]) & (hi[:, 2] > wlo[2] + 0.005)
         footprints = [(wlo[:2], whi[:2]), hand_footprint(eef[:2], self.grasp_axis)]
         return escape_shift(footprints, lo[above], hi[above], lo[beside], hi[beside])

@@ -67,9 +67,11 @@ def make_scene(entities, goal):
         "goal": goal, "goal_done": [False] * len(goal), "names": names,
         "is_fixture": np.array(fixture), "classes": ["X"] * n,
         "pos": np.array(pos), "mat": np.repeat(np.eye(3)[None], n, axis=0),
-        "geom_owner": np.array(owner), "geom_pos": np.array(gpos), "geom_mat": np.array(gmat),
+        "geom_owner": np.array(owner), "geom_body": np.array(owner) + 1,  # one body per entity
+        "geom_pos": np.array(gpos), "geom_mat": np.array(gmat),
         "geom_half": np.array(ghalf), "geom_type": np.full(len(owner), 6),
-        "robot_base": ROBOT_BASE.copy(), "sites": {}, "joints": {},
+        "robot_base": ROBOT_BASE.copy(), "sites": {}, "joints": {}, "site_joints": {}, "articulations": {},
+        "articulation_ranges": {},
     }
 
 
@@ -556,3 +558,46 @@ def test_the_lift_starts_once_the_fingers_stop_under_decisive_and_after_ten_step
         expert.act([obs_at([-0.1, 0.1, 0.93], scene, width=0.005)], ["pick"], [0])
         taken += 1
     assert expert.phase(0) == "lift" and taken == steps
+
+
+# ---- handles and shared regions --------------------------------------------------------------------------------
+def moka_boxes(origin):
+    """A closed pot 8 cm square and 13 cm tall (too wide for the fingers, no rim: its lid is a 1 cm knob), with a
+    handle 1.3 cm across sticking out 3 cm behind it (y), from 5.6 to 12.2 cm up."""
+    o = np.asarray(origin, float)
+    return [(o + [0, 0, 0.0665], np.eye(3), np.array([0.04, 0.04, 0.0665])),
+            (o + [0, 0, 0.14], np.eye(3), np.array([0.006, 0.006, 0.007])),  # the knob
+            (o + [0, -0.055, 0.089], np.eye(3), np.array([0.0065, 0.015, 0.033]))]  # the handle
+
+
+def test_a_wide_pot_with_a_closed_lid_is_grasped_across_its_handle_with_the_palm_above_it():
+    origin = (0.0, 0.1, 0.9)
+    scene = make_scene([("moka_pot_1", False, origin, moka_boxes(origin))], [["on", "moka_pot_1", "stove_1"]])
+    pick = _PickPlace("moka_pot_1", "stove_1", "on", scripted._Episode(0, 0.0, 0.0))
+    candidates = pick._candidates(scripted._View(scene))
+    assert candidates, "no grasp"
+    for point, axis, _ in candidates:
+        assert point[:2] == pytest.approx([0.0, 0.045])  # the handle's centre, not the lid
+        assert abs(axis[0]) == pytest.approx(1.0)  # the fingers close across its 1.3 cm
+        handle_top = 0.9 + 0.089 + 0.033
+        assert point[2] == pytest.approx(handle_top - expert_phases.PALM_ABOVE)
+    bowl = make_scene([("bowl_1", False, origin, bowl_boxes(origin))], [["on", "bowl_1", "stove_1"]])
+    rim = _PickPlace("bowl_1", "stove_1", "on", scripted._Episode(0, 0.0, 0.0))._candidates(scripted._View(bowl))
+    assert len(rim) == 8 and all(np.linalg.norm(p[:2] - np.asarray(origin)[:2]) > 0.04 for p, _, _ in rim)
+
+
+def test_objects_put_on_one_region_each_get_their_own_part_of_it():
+    a, b = (0.0, 0.1, 0.9), (0.1, 0.1, 0.9)
+    scene = make_scene([("moka_pot_1", False, a, moka_boxes(a)), ("moka_pot_2", False, b, moka_boxes(b))],
+                       [["on", "moka_pot_1", "cook_region"], ["on", "moka_pot_2", "cook_region"]])
+    scene["sites"] = {"cook_region": {"pos": np.array([0.0, -0.2, 0.905]), "half": np.array([0.075, 0.075, 0.0025])}}
+    tasks = scripted.plan_tasks(scene, scripted._Episode(0, 0.0, 0.0))
+    assert [t.share for t in tasks] == [(0, 2), (1, 2)]
+    view = scripted._View(scene)
+    spots = [t._dest_xy_and_floor(view, 0.9)[0] for t in tasks]
+    offset = expert_phases.SHARED_SPREAD * 0.075
+    assert spots[0] == pytest.approx([-offset, -0.2 - offset]) and spots[1] == pytest.approx([offset, -0.2 + offset])
+    alone = make_scene([("moka_pot_1", False, a, moka_boxes(a))], [["on", "moka_pot_1", "cook_region"]])
+    alone["sites"] = scene["sites"]
+    (task,) = scripted.plan_tasks(alone, scripted._Episode(0, 0.0, 0.0))
+    assert task.share is None and task._dest_xy_and_floor(scripted._View(alone), 0.9)[0] == pytest.approx([0, -0.2])

@@ -103,12 +103,13 @@ def test_only_flat_wide_objects_going_to_a_table_region_are_pushed():
 # ---- closed loop -----------------------------------------------------------------------------------------------
 @pytest.mark.sim
 @pytest.mark.parametrize("suite, task", [("libero_goal", "task1"), ("libero_goal", "task4"), ("libero_10", "task4"),
-                                         ("libero_10", "task9")])
+                                         ("libero_10", "task9"), ("libero_object", "task8")])
 def test_the_expert_solves_the_newly_solved_tasks(project, tmp_path, suite, task):
     """Two episodes of each task a new skill solves, no cameras: libero_goal task1 (open the middle drawer), task4
     (move the bowl from under where the top drawer will open, open it, put the bowl inside), libero_10 task4 (the
     bowl into the open bottom drawer, then close it with the hand leaning towards the cabinet), libero_10 task9 (both
-    moka pots by their handles, each on its own part of the stove)."""
+    moka pots by their handles, each on its own part of the stove), libero_object task8 (the milk carton, whose body
+    z is not up, lifted by its real bottom over the basket)."""
     result = project.run(f"suites/{suite}", "-k", task, "--checkpoint", "expert", "--episodes", "2",
                          "--vla-workers", "1", "--vla-results", str(tmp_path / "r.sqlite"), "-q")
     output = result.stdout + result.stderr

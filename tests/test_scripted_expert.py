@@ -601,3 +601,17 @@ def test_objects_put_on_one_region_each_get_their_own_part_of_it():
     alone["sites"] = scene["sites"]
     (task,) = scripted.plan_tasks(alone, scripted._Episode(0, 0.0, 0.0))
     assert task.share is None and task._dest_xy_and_floor(scripted._View(alone), 0.9)[0] == pytest.approx([0, -0.2])
+
+
+def test_an_objects_bottom_is_its_lowest_point_in_the_world_whatever_its_body_axes():
+    """A carton 13 cm tall whose body z lies horizontal (LIBERO's milk): its bottom is the lowest point of its
+    geoms, not its origin less its extent along its own z (3 cm off: the carried carton then met the basket)."""
+    origin = np.array([0.0, 0.0, 0.065])
+    R = _rot_about([1, 0, 0], math.pi / 2)  # body z along world -y; body y up
+    scene = make_scene([("milk_1", False, origin, [(origin, R, np.array([0.03, 0.065, 0.03]))])],
+                       [["on", "milk_1", "basket_1"]])
+    scene["mat"] = R[None]
+    view = scripted._View(scene)
+    assert _PickPlace._bottom(view, 0) == pytest.approx(0.0)
+    lo, _ = view.local_extent(0)
+    assert origin[2] + lo[2] == pytest.approx(0.035)  # what the lift used to aim from

@@ -276,6 +276,13 @@ class _PickPlace:
                 cands.append((point, u, u))
         return cands
 
+    @staticmethod
+    def _bottom(v: _View, i: int) -> float:
+        """The lowest point of object i in the world. (Its origin plus its extent along its own z, used before, is
+        wrong for an object whose body z is not up: LIBERO's milk carton lies along another axis, and the lift of
+        libero_object task8 stopped 6 cm short, so the carried carton pushed the basket away.)"""
+        return float(v.world_extent(i)[0][2])
+
     def _handle_grasps(self, v: _View, i: int, centre) -> list:
         """Grasps across the narrow parts that stick out of an object too wide to grasp whole (a moka pot's handle):
         a geom at most HANDLE_WIDTH across and off the centre, the tallest first; the grip site sits low enough for
@@ -337,8 +344,7 @@ class _PickPlace:
                 return None
             if len(self.failed) >= len(cands):
                 self.failed.clear()
-            lo, _ = v.local_extent(i)
-            obstacles = v.obstacles(i, p[2] + lo[2] + 0.005)
+            obstacles = v.obstacles(i, self._bottom(v, i) + 0.005)
             base = np.asarray(v.s["robot_base"], dtype=float)
             toward = base - p
             toward[2] = 0.0
@@ -417,17 +423,17 @@ class _PickPlace:
             if self.ep.fumble and self.t >= 3:
                 self.ep.gave_up = True  # the deliberate fumble: let go and stop trying
                 return move_action(obs, eef, yaw, OPEN)
-            lo, _ = v.local_extent(i)
-            dest_xy, _ = self._dest_xy_and_floor(v, p[2] + lo[2])
+            bottom = self._bottom(v, i)
+            dest_xy, _ = self._dest_xy_and_floor(v, bottom)
             self.carry_bottom = self._carry_bottom(v, p[:2], dest_xy)
             target = np.array([self.lift_eef[0], self.lift_eef[1],
-                               eef[2] + (self.carry_bottom - (p[2] + lo[2]))])
+                               eef[2] + (self.carry_bottom - bottom)])
             rise = p[2] - self.lift_from
             if rise > 0.01 and np.any(self._others_z(v) - self.others_z > 0.015):
                 # another object comes up with ours (wedged under it or pinched too): put it back, try elsewhere
                 self.failed.add(k)
                 self._go("putback")
-            elif rise > 0.03 and (p[2] + lo[2]) > self.carry_bottom - 0.03:
+            elif rise > 0.03 and bottom > self.carry_bottom - 0.03:
                 self._go("transport")
             elif self.t > 8 and rise < 0.01:
                 self.failed.add(k)
@@ -436,8 +442,7 @@ class _PickPlace:
                 self._go("transport")
             return move_action(obs, target, yaw, CLOSE)
 
-        lo, _ = v.local_extent(i)
-        bottom = p[2] + lo[2]
+        bottom = self._bottom(v, i)
         if self.phase in ("transport", "lower") and (width < 0.0015 or eef[2] - p[2] > 0.15):
             self.failed.add(k)  # the object slipped out
             self._go("regrasp")

@@ -590,7 +590,8 @@ def test_objects_put_on_one_region_each_get_their_own_part_of_it():
     a, b = (0.0, 0.1, 0.9), (0.1, 0.1, 0.9)
     scene = make_scene([("moka_pot_1", False, a, moka_boxes(a)), ("moka_pot_2", False, b, moka_boxes(b))],
                        [["on", "moka_pot_1", "cook_region"], ["on", "moka_pot_2", "cook_region"]])
-    scene["sites"] = {"cook_region": {"pos": np.array([0.0, -0.2, 0.905]), "half": np.array([0.075, 0.075, 0.0025])}}
+    scene["sites"] = {"cook_region": {"pos": np.array([0.0, -0.2, 0.905]),
+                                      "half": np.array([0.075, 0.075, 0.0025])}}
     tasks = scripted.plan_tasks(scene, scripted._Episode(0, 0.0, 0.0))
     assert [t.share for t in tasks] == [(0, 2), (1, 2)]
     view = scripted._View(scene)

@@ -4,8 +4,7 @@ A LIBERO worker holds its own MuJoCo model (the scene textures alone are ~180 MB
 a GL context: measured 1.4 GB unique and 1.9 GB resident per worker with one 256x256 camera (llvmpipe; Python
 3.11, mujoco 2.3.7). A default that counts only cores can ask for more than the host has: a 128 GiB GPU host
 stopped answering while starting 96 workers beside a 7B model (2026-12-04; 96 x 1.9 GB is more than it has), 48
-ran. So automatic worker counts are also capped by the
-memory available when the pool is sized.
+ran. So automatic worker counts are also capped by the memory available when the pool is sized.
 """
 from __future__ import annotations
 

@@ -170,7 +170,7 @@ ESCAPE_STEP = 0.01
 ESCAPE_MARGIN = 0.01  # from what is above; from what stands beside, none: the boxes of round things already have it
 
 
-def _overlap_xy(lo, hi, box_lo, box_hi, margin) -> np.ndarray:
+def overlap_xy(lo, hi, box_lo, box_hi, margin=0.0) -> np.ndarray:
     """Which boxes overlap the xy rectangle [lo, hi] grown by margin."""
     return ((box_lo[:, 0] < hi[0] + margin) & (box_hi[:, 0] > lo[0] - margin)
             & (box_lo[:, 1] < hi[1] + margin) & (box_hi[:, 1] > lo[1] - margin))
@@ -180,14 +180,15 @@ def escape_shift(footprints, above_lo, above_hi, beside_lo, beside_hi, beside_fo
     """The shortest horizontal shift (world xy, m) that takes every footprint (xy rectangles (lo, hi): the held object,
     the hand) out from under the boxes `above` (AABBs over the object: an open drawer, a shelf), without running a
     footprint (or each of `beside_footprints`, when given) into the boxes `beside` (AABBs at the object's own height);
-    a zero shift when nothing is above, None when no shift up to ESCAPE_MAX frees it. `path`: the way there, sampled at
-    its middle, must be clear too (False: only where it ends, for an object carried over what is beside it). Lifting straight up under an overhang jams the object against it and the grip
-    slips (LIBERO-Goal task4: the opened top drawer reaches over the bowl)."""
+    a zero shift when nothing is above, None when no shift up to ESCAPE_MAX frees it. `path`: the way there, sampled
+    at its middle, must be clear too (False: only where it ends, for an object carried over what is beside it).
+    Lifting straight up under an overhang jams the object against it and the grip slips (LIBERO-Goal task4: the
+    opened top drawer reaches over the bowl)."""
     above_lo, above_hi = np.asarray(above_lo).reshape(-1, 3), np.asarray(above_hi).reshape(-1, 3)
     beside_lo, beside_hi = np.asarray(beside_lo).reshape(-1, 3), np.asarray(beside_hi).reshape(-1, 3)
 
     def free(shift, lo_boxes, hi_boxes, rectangles=footprints, margin=ESCAPE_MARGIN):
-        return not any(_overlap_xy(lo + shift, hi + shift, lo_boxes, hi_boxes, margin).any() for lo, hi in rectangles)
+        return not any(overlap_xy(lo + shift, hi + shift, lo_boxes, hi_boxes, margin).any() for lo, hi in rectangles)
 
     beside_footprints = footprints if beside_footprints is None else beside_footprints
 
@@ -208,7 +209,7 @@ def escape_shift(footprints, above_lo, above_hi, beside_lo, beside_hi, beside_fo
 
 def hand_footprint(grip_xy, finger_axis):
     """The xy rectangle (lo, hi) covered by the hand (not the fingers) with its grip site over grip_xy."""
-    (cx, cy, _), (hx, hy, _) = GRIPPER_BOXES[0]
+    _, (hx, hy, _) = GRIPPER_BOXES[0]  # the hand's box is centred on the grip site in xy
     u = np.array([finger_axis[0], finger_axis[1]], dtype=float)
     u /= np.linalg.norm(u)
     ext = np.abs(u) * hy + np.abs(np.array([u[1], -u[0]])) * hx

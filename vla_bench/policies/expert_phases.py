@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .expert_geometry import (BODY_GRASP_WIDTH, R_DOWN, axis_angle, choose_grasp, choose_yaw, escape_shift,
-                              hand_clearance, hand_footprint, hand_yaw, quat_xyzw_to_mat, rot_z, world_aabbs, wrap,
-                              yaw_for_axis)
+                              hand_clearance, hand_footprint, hand_yaw, overlap_xy, quat_xyzw_to_mat, rot_z,
+                              world_aabbs, wrap, yaw_for_axis)
 
 if TYPE_CHECKING:  # annotations only: scripted.py imports this module
     from .scripted import _Episode, _View
@@ -299,7 +299,7 @@ class _PickPlace:
                 continue
             if size[k, 2] > HANDLE_MAX_SHARE * (hi[:, 2].max() - lo[:, 2].min()):
                 continue  # as tall as the object: a wall of its body
-            under = ((lo[:, 0] < hi[k, 0]) & (hi[:, 0] > lo[k, 0]) & (lo[:, 1] < hi[k, 1]) & (hi[:, 1] > lo[k, 1]))
+            under = overlap_xy(lo[k], hi[k], lo, hi)
             z = float(hi[under, 2].max()) - PALM_ABOVE
             u = np.zeros(3)
             u[narrow] = 1.0

@@ -232,9 +232,7 @@ class _Drawer:
         closing = -d_open
         approach = np.array([0.0, 0.0, -1.0]) * np.cos(CLOSE_TILT) + closing * np.sin(CLOSE_TILT)
         bar = np.cross([0.0, 0.0, 1.0], d_open)
-        if self.finger_sign is None:
-            self.finger_sign = min((1.0, -1.0), key=lambda k: rotation_error(obs, hand_frame(approach, k * bar)))
-        R_target = hand_frame(approach, self.finger_sign * bar)
+        R_target = self._frame(obs, approach, bar)
         if self.phase == "reorient":
             target = point + np.array([0.0, 0.0, 0.10])
             if np.linalg.norm(target[:2] - eef[:2]) > 0.04:
@@ -263,12 +261,13 @@ class _Drawer:
             return self._restore(obs, eef, d_open)
         raise AssertionError(f"unknown phase {self.phase}")
 
-    def _horizontal_frame(self, obs, d_open, fingers):
-        """The hand turned horizontal, pointing into the drawer front, fingers along `fingers`: of the two frames
-        (the fingers are symmetric under a half turn about the approach axis), the one nearer the hand's own."""
+    def _frame(self, obs, approach, fingers):
+        """The hand's rotation pointing along `approach` with its fingers along `fingers`: of the two such frames
+        (the fingers are symmetric under a half turn about the approach axis), the one nearer the hand's own when
+        the attempt began."""
         if self.finger_sign is None:
-            self.finger_sign = min((1.0, -1.0), key=lambda k: rotation_error(obs, hand_frame(-d_open, k * fingers)))
-        return hand_frame(-d_open, self.finger_sign * fingers)
+            self.finger_sign = min((1.0, -1.0), key=lambda k: rotation_error(obs, hand_frame(approach, k * fingers)))
+        return hand_frame(approach, self.finger_sign * fingers)
 
     def _restore(self, obs, eef, d_open):
         """Point the hand down again before the next skill: its controllers assume a downward hand, and turning
@@ -287,7 +286,7 @@ class _Drawer:
 
     def _open(self, obs, v, q, sign, d_open, eef, handle):
         """Grasp the handle bar from the front with the hand turned horizontal, fingers vertical, and pull."""
-        R_target = self._horizontal_frame(obs, d_open, np.array([0.0, 0.0, 1.0]))
+        R_target = self._frame(obs, -d_open, np.array([0.0, 0.0, 1.0]))  # horizontal, into the drawer front
         if self.phase == "reorient":
             # turn and travel above everything (the turned hand reaches HAND_REACH below the grip site), then
             # come down in front of the handle

@@ -2,6 +2,7 @@
 of several tasks and checkpoints interleave into the rows they give one by one, groups overlap, and a stopped job
 starts nothing more."""
 import hashlib
+import time
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -213,3 +214,28 @@ def test_slots_are_spread_over_the_jobs_and_keep_their_task():
             assert last_task[slot] not in remaining_before
         last_task[slot] = task
     assert all(job.finished for job in jobs)
+
+
+def test_time_blocked_on_the_simulators_is_counted_apart_from_the_policys():
+    """Every second the loop spends inside pool.wait() (the simulators late, the policy idle) goes to wait_s and
+    none to policy_s; busy + sim_wait never exceeds the whole."""
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    pool = TaskAwarePool(ChaoticEnv(2), 2)
+    blocked = []
+    wait = pool.wait
+
+    def slow_wait(*args, **kwargs):
+        start = time.perf_counter()
+        time.sleep(0.005)  # a simulator step that is not ready yet
+        answers = wait(*args, **kwargs)
+        blocked.append(time.perf_counter() - start)
+        return answers
+
+    pool.wait = slow_wait
+    scheduler = Scheduler(pool, 1)
+    scheduler.add(Job("a", [Reactive("a")], EnvSpec(protocol, 0), "t", range(2), lambda i: i, lambda o: None))
+    scheduler.run()
+    stats = scheduler.stats
+    assert blocked and stats.wait_s >= sum(blocked) * 0.999
+    assert stats.wait_s + stats.policy_s <= stats.wall_s
+    assert stats.as_dict()["sim_wait"] == round(stats.wait_s / stats.wall_s, 4) and 0 < stats.sim_wait < 1

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from vla_bench.policies import expert_geometry, skills
 from vla_bench.policies.expert_geometry import escape_shift
 from vla_bench.policies.scripted import _View
+from vla_bench.policies.skills.door import DoorGeometry, _Door, door_skill
 from vla_bench.policies.skills.drawer import _Drawer, hand_frame, is_reached, open_sign
 from vla_bench.policies.skills.push import _Push, push_skill
 
@@ -100,16 +101,82 @@ def test_only_flat_wide_objects_going_to_a_table_region_are_pushed():
     assert push_skill(["on", "plate_1", "cabinet_1_drawer_region"], _View(scene()), None) is None  # not on the table
 
 
+# ---- hinged doors, on a synthetic microwave ------------------------------------------------------------------
+MICROWAVE_RANGES = {"default_open_ranges": [-2.094, -1.3], "default_close_ranges": [-0.005, 0.0]}
+
+
+def door_scene(q: float, yaw: float):
+    """LIBERO's microwave turned by `yaw`, its door at hinge angle q: closed, the leaf runs along the body's x from
+    the hinge and its handle bar stands 4 cm out on the body's -y side (measured from the simulator's geoms)."""
+    turn = expert_geometry.rot_z(yaw + q)
+    anchor = np.array([0.1, 0.2, 1.016])
+    leaf = anchor + turn @ np.array([0.13, -0.014, 0.0])
+    bar = anchor + turn @ np.array([0.237, -0.056, 0.0])
+    return {
+        "names": ["microwave_1"], "is_fixture": np.array([True]), "pos": anchor[None], "mat": np.eye(3)[None],
+        "geom_owner": np.array([0, 0]), "geom_body": np.array([26, 26]), "geom_type": np.array([6, 3]),
+        "geom_pos": np.stack([leaf, bar]), "geom_mat": np.stack([turn, np.eye(3)]),
+        "geom_half": np.array([[0.13, 0.012, 0.092], [0.01, 0.01, 0.075]]),
+        "sites": {}, "site_joints": {},
+        "articulations": {"microwave_1_microjoint": {"qpos": q, "axis": np.array([0.0, 0.0, 1.0]), "anchor": anchor,
+                                                     "body": 26, "type": "hinge", "owner": "microwave_1",
+                                                     "range": np.array([-2.094, 0.0])}},
+        "articulation_ranges": {"microwave_1": MICROWAVE_RANGES},
+    }
+
+
+def test_open_and_close_of_a_hinged_fixture_get_the_door_skill():
+    view = _View(door_scene(-1.5, 0.0))
+    for want in ("open", "close"):
+        skill = door_skill([want, "microwave_1"], view, None)
+        assert isinstance(skill, _Door) and skill.joint == "microwave_1_microjoint" and skill.want == want
+    assert skills.skills_for(["close", "microwave_1"], view, None)[0].want == "close"
+    no_ranges = door_scene(-1.5, 0.0)
+    no_ranges["articulation_ranges"] = {}
+    assert door_skill(["close", "microwave_1"], _View(no_ranges), None) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(q=st.floats(-2.0, 0.0), yaw=st.floats(-np.pi, np.pi), want=st.sampled_from(["open", "close"]),
+       angle=st.floats(0.01, 0.3))
+def test_the_door_geometry_follows_the_leaf_whichever_way_the_fixture_stands(q, yaw, want, angle):
+    """For any hinge angle and any yaw of the fixture: the leaf direction points from the hinge to the leaf, the
+    handle side is the bar's, a leaf point moves across the leaf, and carrying a leaf point round the hinge by
+    `angle` towards `want` puts it where the same point of the leaf is when the joint has turned by `angle` that
+    way (open: towards the open range)."""
+    g = DoorGeometry(_View(door_scene(q, yaw)), "microwave_1_microjoint", want, MICROWAVE_RANGES)
+    turn = expert_geometry.rot_z(yaw + q)
+    assert np.allclose(g.direction, turn @ np.array([0.13, -0.014, 0.0]) / np.hypot(0.13, 0.014), atol=1e-9)
+    assert np.isclose(g.width, 2 * np.hypot(0.13, 0.014)) and np.isclose(g.top, 1.016 + 0.092)
+    assert np.dot(g.outward, turn @ np.array([0.0, -1.0, 0.0])) > 0.99
+    assert abs(np.dot(g.motion, g.direction)) < 1e-9
+    later = q + (-angle if want == "open" else angle)  # the microwave opens towards negative angles
+    point = np.array([0.2, -0.01, 0.0])
+    moved = g.turned(g.anchor + turn @ point, angle)
+    assert np.allclose(moved, g.anchor + expert_geometry.rot_z(yaw + later) @ point, atol=1e-9)
+    assert np.dot(moved - (g.anchor + turn @ point), g.motion) > 0
+
+
+def test_what_is_left_to_turn_runs_past_the_predicate_edge():
+    g = DoorGeometry(_View(door_scene(-1.0, 0.3)), "microwave_1_microjoint", "open", MICROWAVE_RANGES)
+    assert np.isclose(g.remaining("open", MICROWAVE_RANGES), 0.3 + 0.15)
+    assert np.isclose(g.remaining("close", MICROWAVE_RANGES), 1.0 + 0.15)
+    g = DoorGeometry(_View(door_scene(-1.5, 0.3)), "microwave_1_microjoint", "open", MICROWAVE_RANGES)
+    assert np.isclose(g.remaining("open", MICROWAVE_RANGES), 0.15)  # already open: only the overshoot
+
+
 # ---- closed loop -----------------------------------------------------------------------------------------------
 @pytest.mark.sim
 @pytest.mark.parametrize("suite, task", [("libero_goal", "task1"), ("libero_goal", "task4"), ("libero_10", "task4"),
-                                         ("libero_10", "task9"), ("libero_object", "task8")])
+                                         ("libero_10", "task9"), ("libero_object", "task8"), ("libero_90", "task34"),
+                                         ("libero_90", "task36")])
 def test_the_expert_solves_the_newly_solved_tasks(project, tmp_path, suite, task):
     """Two episodes of each task a new skill solves, no cameras: libero_goal task1 (open the middle drawer), task4
     (move the bowl from under where the top drawer will open, open it, put the bowl inside), libero_10 task4 (the
     bowl into the open bottom drawer, then close it with the hand leaning towards the cabinet), libero_10 task9 (both
     moka pots by their handles, each on its own part of the stove), libero_object task8 (the milk carton, whose body
-    z is not up, lifted by its real bottom over the basket)."""
+    z is not up, lifted by its real bottom over the basket), libero_90 task34 (close the microwave: its door pressed
+    round by the fingertips) and task36 (open it: pulled by the handle, then pressed from behind)."""
     result = project.run(f"suites/{suite}", "-k", task, "--checkpoint", "expert", "--episodes", "2",
                          "--vla-workers", "1", "--vla-results", str(tmp_path / "r.sqlite"), "-q")
     output = result.stdout + result.stderr

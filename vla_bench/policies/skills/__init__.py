@@ -9,9 +9,10 @@ from __future__ import annotations
 
 def skills_for(pred, view, episode) -> list:
     """The skills that achieve one BDDL goal predicate (lower case), or [] when none knows how."""
+    from .door import door_skill
     from .drawer import drawer_skill
 
-    skill = drawer_skill(pred, view, episode)
+    skill = drawer_skill(pred, view, episode) or door_skill(pred, view, episode)
     return [skill] if skill is not None else []
 
 

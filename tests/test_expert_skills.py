@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from vla_bench.policies import expert_geometry, skills
 from vla_bench.policies.expert_geometry import escape_shift
+from vla_bench.policies.expert_phases import PALM_ABOVE
 from vla_bench.policies.scripted import _View
 from vla_bench.policies.skills.door import DoorGeometry, _Door, door_skill
+from vla_bench.policies.skills.enclosure import Enclosure, into_enclosure, protruding_grasps
 from vla_bench.policies.skills.drawer import _Drawer, hand_frame, is_reached, open_sign
 from vla_bench.policies.skills.push import _Push, push_skill
 
@@ -165,18 +167,96 @@ def test_what_is_left_to_turn_runs_past_the_predicate_edge():
     assert np.isclose(g.remaining("open", MICROWAVE_RANGES), 0.15)  # already open: only the overshoot
 
 
+# ---- into a region under a roof, on a synthetic microwave ------------------------------------------------------
+MICROWAVE_WALLS = {  # LIBERO's microwave body at the origin, opening towards -y (centre, half size), from its geoms
+    "left": ((-0.162, 0.363, 1.013), (0.014, 0.1, 0.094)), "right": ((0.114, 0.363, 1.013), (0.054, 0.1, 0.094)),
+    "back": ((-0.045, 0.447, 1.013), (0.104, 0.015, 0.094)), "roof": ((-0.044, 0.348, 1.098), (0.104, 0.084, 0.01)),
+    "floor": ((-0.044, 0.348, 0.932), (0.104, 0.084, 0.012)), "door": ((-0.191, 0.134, 1.016), (0.012, 0.13, 0.092)),
+}
+
+
+def enclosure_scene(handle_towards=(0.0, -1.0), yaw=0.0):
+    """The microwave turned by `yaw` about the world origin, and a mug on the table in front of it whose handle
+    bar sticks out 8 cm towards `handle_towards` (xy, before the turn)."""
+    turn = expert_geometry.rot_z(yaw)
+    boxes = [(turn @ np.array(c), np.abs(turn) @ np.array(h)) for c, h in MICROWAVE_WALLS.values()]
+    ring = [np.array([0.042 * np.cos(a), 0.042 * np.sin(a), 0.0]) for a in np.linspace(0, 2 * np.pi, 12, endpoint=False)]
+    out = np.array([*handle_towards, 0.0]) / np.linalg.norm(handle_towards)
+    mug = [np.array([0.0, 0.0, 0.95]) + r for r in ring] + [np.array([0.0, 0.0, 0.95]) + 0.083 * out]
+    mug = [turn @ p for p in mug]
+    centres = np.array([c for c, _ in boxes] + mug)
+    halves = np.array([h for _, h in boxes] + [[0.005, 0.005, 0.05]] * len(mug))
+    n_fixture = len(boxes)
+    site_pos = turn @ np.array([-0.004, 0.362, 1.016])
+    return {
+        "names": ["microwave_1", "mug_1"], "is_fixture": np.array([True, False]),
+        "pos": np.array([[0.0, 0.0, 0.9], turn @ np.array([0.0, 0.0, 0.9])]), "mat": np.stack([turn, turn]),
+        "geom_owner": np.array([0] * n_fixture + [1] * len(mug)),
+        "geom_body": np.array([25] * (n_fixture - 1) + [26] + [30] * len(mug)),
+        "geom_type": np.full(len(centres), 6), "geom_pos": centres,
+        "geom_mat": np.stack([np.eye(3)] * len(centres)), "geom_half": halves,
+        "sites": {"microwave_1_heating_region": {"pos": site_pos, "mat": turn, "half": np.array([0.12, 0.084, 0.08]),
+                                                 "parent": "microwave_1"}},
+        "site_joints": {}, "robot_base": np.array([-0.66, 0.0, 0.912]),
+        "articulations": {"microwave_1_microjoint": {"qpos": -1.5, "axis": np.array([0.0, 0.0, 1.0]),
+                                                     "anchor": turn @ np.array([-0.177, 0.264, 1.016]), "body": 26,
+                                                     "type": "hinge", "owner": "microwave_1",
+                                                     "range": np.array([-2.094, 0.0])}},
+        "articulation_ranges": {"microwave_1": MICROWAVE_RANGES},
+    }
+
+
+@pytest.mark.parametrize("yaw", [0.0, np.pi / 2, np.pi])
+def test_a_roofed_region_knows_its_floor_roof_and_open_side(yaw):
+    place = Enclosure(_View(enclosure_scene(yaw=yaw)), "microwave_1_heating_region")
+    turn = expert_geometry.rot_z(yaw)
+    assert place.roofed and np.isclose(place.floor, 0.944) and np.isclose(place.roof, 1.088)
+    assert np.allclose(place.inward, turn @ np.array([0.0, 1.0, 0.0]), atol=1e-9)  # the open door is no wall
+    assert np.isclose(place.mouth, 0.348 - 0.084)  # where the floor ends on the open side, along `inward`
+    assert place.contains(turn @ np.array([0.0, 0.36, 1.0])) and not place.contains(turn @ np.array([0.0, 0.2, 1.0]))
+
+
+def test_into_a_roofed_region_the_object_is_handed_in_then_pushed():
+    view = _View(enclosure_scene())
+    steps = into_enclosure(["in", "mug_1", "microwave_1_heating_region"], view, None)
+    assert [type(s).__name__ for s in steps] == ["_IntoMouth", "_PushIn"]
+    assert [type(s).__name__ for s in skills.instead_of_pick(["in", "mug_1", "microwave_1_heating_region"], view,
+                                                             None)] == ["_IntoMouth", "_PushIn"]
+    roofless = enclosure_scene()
+    roofless["geom_pos"][3][2] = 1.30  # the roof lifted 20 cm over the region: a shelf, put into from above
+    drawer = enclosure_scene()
+    drawer["site_joints"] = {"microwave_1_heating_region": ["microwave_1_microjoint"]}  # a drawer's region moves
+    assert into_enclosure(["in", "mug_1", "microwave_1_heating_region"], _View(drawer), None) is None
+    assert into_enclosure(["in", "mug_1", "microwave_1_heating_region"], _View(roofless), None) is None
+
+
+@pytest.mark.parametrize("towards, trails", [((0.0, -1.0), True), ((-1.0, -1.0), True), ((1.0, 0.0), False),
+                                             ((0.0, 1.0), False)])
+def test_the_handle_is_grasped_only_when_it_trails_the_object_in(towards, trails):
+    view = _View(enclosure_scene(handle_towards=towards))
+    grasps = protruding_grasps(view, view.index("mug_1"), np.array([0.0, 1.0, 0.0]))
+    assert bool(grasps) == trails
+    if trails:
+        out = np.array([*towards, 0.0]) / np.linalg.norm(towards)
+        point, axis, _ = grasps[0]
+        assert np.allclose(point[:2], 0.083 * out[:2], atol=1e-9)  # on the handle's outer bar
+        assert abs(np.dot(axis, out)) < 1e-9  # the fingers close across the way it sticks out
+        assert np.isclose(point[2], 1.0 - PALM_ABOVE)  # the palm clears the top of the mug's rim
+
+
 # ---- closed loop -----------------------------------------------------------------------------------------------
 @pytest.mark.sim
 @pytest.mark.parametrize("suite, task", [("libero_goal", "task1"), ("libero_goal", "task4"), ("libero_10", "task4"),
                                          ("libero_10", "task9"), ("libero_object", "task8"), ("libero_90", "task34"),
-                                         ("libero_90", "task36")])
+                                         ("libero_90", "task36"), ("libero_10", "task10")])
 def test_the_expert_solves_the_newly_solved_tasks(project, tmp_path, suite, task):
     """Two episodes of each task a new skill solves, no cameras: libero_goal task1 (open the middle drawer), task4
     (move the bowl from under where the top drawer will open, open it, put the bowl inside), libero_10 task4 (the
     bowl into the open bottom drawer, then close it with the hand leaning towards the cabinet), libero_10 task9 (both
     moka pots by their handles, each on its own part of the stove), libero_object task8 (the milk carton, whose body
     z is not up, lifted by its real bottom over the basket), libero_90 task34 (close the microwave: its door pressed
-    round by the fingertips) and task36 (open it: pulled by the handle, then pressed from behind)."""
+    round by the fingertips) and task36 (open it: pulled by the handle, then pressed from behind), libero_10 task10 (the mug by its handle to the
+    microwave's mouth, pushed in by the horizontal hand's fingertips, the door closed)."""
     result = project.run(f"suites/{suite}", "-k", task, "--checkpoint", "expert", "--episodes", "2",
                          "--vla-workers", "1", "--vla-results", str(tmp_path / "r.sqlite"), "-q")
     output = result.stdout + result.stderr

@@ -213,8 +213,8 @@ def plan_tasks(scene, episode) -> list:
             i = view.index(pred[1])
             if not scene["is_fixture"][i]:
                 tasks.extend(skills.prerequisites(pred, view, episode))
-                tasks.append(skills.instead_of_pick(pred, view, episode) or _PickPlace(pred[1], pred[2], pred[0],
-                                                                                       episode))
+                tasks.extend(skills.instead_of_pick(pred, view, episode)
+                             or [_PickPlace(pred[1], pred[2], pred[0], episode)])
         elif len(pred) == 2 and pred[0] == "turnon" and _knob_joint(scene, pred[1]) is not None:
             tasks.append(_TurnOn(pred[1], episode))
         else:

@@ -16,11 +16,14 @@ def skills_for(pred, view, episode) -> list:
     return [skill] if skill is not None else []
 
 
-def instead_of_pick(pred, view, episode):
-    """A skill that achieves On/In(X, Y) better than picking X up (pushing a plate), or None."""
+def instead_of_pick(pred, view, episode) -> list:
+    """Skills that achieve On/In(X, Y) better than picking X up and putting it down from above (pushing a plate;
+    into a microwave, under its roof), or []."""
+    from .enclosure import into_enclosure
     from .push import push_skill
 
-    return push_skill(pred, view, episode)
+    push = push_skill(pred, view, episode)
+    return [push] if push is not None else (into_enclosure(pred, view, episode) or [])
 
 
 def prerequisites(pred, view, episode) -> list:

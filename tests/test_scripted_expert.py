@@ -616,3 +616,20 @@ def test_an_objects_bottom_is_its_lowest_point_in_the_world_whatever_its_body_ax
     assert _PickPlace._bottom(view, 0) == pytest.approx(0.0)
     lo, _ = view.local_extent(0)
     assert origin[2] + lo[2] == pytest.approx(0.035)  # what the lift used to aim from
+
+
+def test_grasps_whose_hand_would_run_into_a_fixture_at_the_destination_are_left_out():
+    """A bowl going onto a plate that stands 10 cm in front of a cabinet (a fixture 20 cm tall): the rim pinches
+    whose hand (21 cm along the fingers) would reach into the cabinet once the bowl is on the plate are left out, the
+    others stay; with no cabinet, none is left out."""
+    plate = (0.06, 0.2, 0.902)
+    cabinet = ("cabinet_1", True, (0.06, 0.40, 1.0), [(np.array([0.06, 0.40, 1.0]), np.eye(3),
+                                                       np.array([0.15, 0.1, 0.1]))])
+    pick = _PickPlace("akita_black_bowl_1", "plate_1", "on", scripted._Episode(0, 0.0, 0.0))
+    view = scripted._View(spatial_scene(plate=plate, extra=[cabinet]))
+    cands = pick._candidates(view)
+    blocked = pick._blocked_at_destination(view, cands)
+    # the pinches on the cabinet's side (straight towards it and the two diagonals) put the hand's far end into it
+    assert blocked == {k for k, (_, _, side) in enumerate(cands) if side[1] > 0.5}
+    assert choose_grasp(cands, view.obstacles(0, 0.9), np.array([-1.0, 0.0, 0.0]), exclude=blocked) not in blocked
+    assert pick._blocked_at_destination(scripted._View(spatial_scene(plate=plate)), cands) == set()

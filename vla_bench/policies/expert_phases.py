@@ -38,6 +38,7 @@ HANDLE_MIN_HEIGHT = 0.03  # and this tall: a grip, not a lid's knob (m)
 HANDLE_MAX_SHARE = 0.6  # and at most this share of the object's height: the walls of its body run the whole height
 PALM_ABOVE = 0.026  # the grip site this far below the top of what is under the hand: the palm 2.4 cm above it clears
 SLIDE_RISE = 0.012  # a held object slides out from under an overhang this far above where it stood (m)
+BLOCKED_WITHIN = 0.003  # a hand this near a fixture where the object is put down counts as running into it (m)
 ESCAPE_ABOVE = 0.25  # what starts within this height over a gripped object's top is in the way of its lift (m)
 
 
@@ -308,6 +309,26 @@ class _PickPlace:
         found.sort(key=lambda f: -f[0])
         return [grasp for _, grasp in found]
 
+    def _blocked_at_destination(self, v: _View, cands) -> set:
+        """The candidates whose hand would run into a fixture where the object is put down (a cabinet beside the
+        plate: a bowl pinched on its side towards the cabinet put the hand's 21 cm length into the cabinet's side, and
+        the arm stalled 5 cm short; LIBERO-Goal task9, 3 of 50), when not all would."""
+        if not isinstance(self.dest, str) or self.dest in v.s["site_joints"]:
+            return set()  # a spot on the open table; a drawer, whose own skills leave the hand room
+        i, p, R = self._obj_state(v)
+        bottom = self._bottom(v, i)
+        dest_xy, floor = self._dest_xy_and_floor(v, bottom)
+        fixture = np.asarray(v.s["is_fixture"], dtype=bool)[np.asarray(v.s["geom_owner"])] & ~v.own(i)
+        c, m, h = v.boxes(fixture)
+        lo, _ = world_aabbs(c, m, h)
+        keep = lo[:, 2] > floor + 0.005  # not what the object will stand on
+        if not keep.any():
+            return set()
+        move = np.array([*(dest_xy - p[:2]), floor + PLACE_CLEARANCE - bottom])
+        blocked = {k for k, (point, axis, _) in enumerate(cands)
+                   if hand_clearance(point + move, axis, c[keep], m[keep], h[keep]) < BLOCKED_WITHIN}
+        return blocked if len(blocked) < len(cands) else set()
+
     def _escape(self, v: _View, eef) -> np.ndarray | None:
         """The horizontal shift that takes the gripped object and the hand out from under whatever is above them
         (geometry.escape_shift); zero when the way up is free."""
@@ -349,7 +370,7 @@ class _PickPlace:
             toward = base - p
             toward[2] = 0.0
             toward /= max(np.linalg.norm(toward), 1e-9)
-            k = choose_grasp(cands, obstacles, toward, exclude=self.failed)
+            k = choose_grasp(cands, obstacles, toward, exclude=self.failed | self._blocked_at_destination(v, cands))
             point, axis, _ = cands[k]
             Rcur = quat_xyzw_to_mat(obs["robot0_eef_quat"])
             yaw = choose_yaw(yaw_for_axis(axis), hand_yaw(Rcur), float(obs["robot0_joint_pos"][6]),

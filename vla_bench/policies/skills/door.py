@@ -31,8 +31,9 @@ PULL_ANGLE = 0.5  # rad a closed door is pulled open by its handle before the fi
 # hand, turned with the leaf, stalled at 0.57 and the fingers slipped on the bar)
 AJAR = 0.6  # a door open by this share of PULL_ANGLE is pressed from behind (it springs back ~0.1 rad on release)
 PREGRASP = 0.08  # the horizontal hand waits this far in front of the handle bar before going in (m)
-PULL_PHASES = ("reorient", "to_bar", "insert", "grip", "pull", "release", "back", "turn_down")
 CLEAR_ABOVE = 0.10  # it turns and travels this far above the door's top (m): the turned hand reaches 10 cm down
+#: the phases of pulling a closed door by its handle; the others press the leaf
+PULL_PHASES = ("reorient", "to_bar", "insert", "grip", "pull", "release", "back", "turn_down")
 
 
 def door_skill(pred, view: _View, episode):

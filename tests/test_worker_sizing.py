@@ -51,3 +51,37 @@ def test_the_session_caps_its_automatic_worker_count(monkeypatch):
         session.engine()
     assert created == [1]  # no runs planned: min(workers, todo) with todo 0 -> 1
     assert session.settings.workers == 4 and GPU_WORKERS_PER_CORE == 3
+
+
+def test_an_explicit_worker_count_beyond_memory_is_honoured_with_a_warning_through_the_session(monkeypatch):
+    """The session path of an explicit --vla-workers: 16 workers asked for with room for 4 start 16 (the user's
+    word stands) and warn, naming the count and what the memory holds; an automatic count would have been capped."""
+    from types import SimpleNamespace
+
+    from vla_bench.evaluate import EvalSettings, TaskRun
+    from vla_bench.session import EvalSession
+
+    created, added = [], []
+
+    class RecordingPool:
+        def __init__(self, n):
+            created.append(n)
+
+    class RecordingScheduler:
+        def __init__(self, pool, groups, on_episode=None):
+            self.pool = pool
+
+        def add(self, job):
+            added.append(job)
+
+    monkeypatch.setattr(sizing, "available_memory", lambda: 10 * GIB)  # room for 4 workers
+    monkeypatch.setattr("vla_bench.engine.pool.WorkerPool", RecordingPool)
+    monkeypatch.setattr("vla_bench.engine.scheduler.Scheduler", RecordingScheduler)
+    run = TaskRun.__new__(TaskRun)
+    run.job = SimpleNamespace(todo=list(range(50)))  # 50 episodes planned
+    session = EvalSession.__new__(EvalSession)
+    session.settings = EvalSettings(workers=16, workers_auto=False)
+    session._engine, session._runs, session.on_episode = None, {("expert", "libero_spatial", 0): run}, None
+    with pytest.warns(UserWarning, match=r"--vla-workers 16: .* enough for about 4"):
+        session.engine()
+    assert created == [16] and added == [run.job]

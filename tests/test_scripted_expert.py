@@ -633,3 +633,34 @@ def test_grasps_whose_hand_would_run_into_a_fixture_at_the_destination_are_left_
     assert blocked == {k for k, (_, _, side) in enumerate(cands) if side[1] > 0.5}
     assert choose_grasp(cands, view.obstacles(0, 0.9), np.array([-1.0, 0.0, 0.0]), exclude=blocked) not in blocked
     assert pick._blocked_at_destination(scripted._View(spatial_scene(plate=plate)), cands) == set()
+
+
+def _box_scene(neighbour_x=None):
+    """A cream-cheese box (8 x 4 x 1.8 cm, long side along x) on the table, and maybe a carton 13 cm tall standing
+    7 cm off its long side (+y), its centre at x = neighbour_x."""
+    origin = np.array([0.0, 0.0, 0.9])
+    ents = [("cream_cheese_1", False, origin, [(origin + [0, 0, 0.009], np.eye(3), np.array([0.04, 0.02, 0.009]))])]
+    if neighbour_x is not None:
+        carton = np.array([neighbour_x, 0.07 + 0.026, 0.9])
+        ents.append(("milk_1", False, carton, [(carton + [0, 0, 0.065], np.eye(3), np.array([0.026, 0.026, 0.065]))]))
+    return make_scene(ents, [["on", "cream_cheese_1", "plate_1"]])
+
+
+def test_a_blocked_grasp_across_the_body_is_also_offered_moved_along_the_object():
+    """The box's only grasp across its body puts the hand's 21 cm length (along y) into a carton beside its -x half:
+    the same grasp moved along the box's long side (up to 2.8 cm: 3 cm, less 1.2 cm of its 4 cm half length) and 1 cm
+    along the fingers is offered too, and the grasp chosen is one moved away from the carton with more clearance.
+    A free box is offered only the centred grasp."""
+    pick = _PickPlace("cream_cheese_1", "plate_1", "on", scripted._Episode(0, 0.0, 0.0))
+    free = pick._candidates(scripted._View(_box_scene()))
+    assert len(free) == 1 and np.allclose(free[0][0][:2], 0.0)
+    view = scripted._View(_box_scene(neighbour_x=-0.04))
+    cands = pick._candidates(view)
+    points = np.array([p for p, _, _ in cands])
+    assert len(cands) == 7 and np.allclose(points[0][:2], 0.0)
+    assert np.isclose(points[:, 0].max(), 0.028) and np.isclose(points[:, 0].min(), -0.028)
+    assert {round(y, 3) for y in points[:, 1]} == {0.0, 0.01, -0.01}
+    obstacles = view.obstacles(0, 0.905)
+    k = choose_grasp(cands, obstacles, np.array([-1.0, 0.0, 0.0]))
+    assert points[k][0] > 0  # away from the carton
+    assert gripper_clearance(points[k], cands[k][1], *obstacles) > gripper_clearance(points[0], cands[0][1], *obstacles)

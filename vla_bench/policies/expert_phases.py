@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .expert_geometry import (BODY_GRASP_WIDTH, R_DOWN, axis_angle, choose_grasp, choose_yaw, escape_shift,
-                              hand_clearance, hand_footprint, hand_yaw, overlap_xy, quat_xyzw_to_mat, rot_z,
+                              gripper_clearance, hand_clearance, hand_footprint, hand_yaw, overlap_xy, quat_xyzw_to_mat, rot_z,
                               world_aabbs, wrap, yaw_for_axis)
 
 if TYPE_CHECKING:  # annotations only: scripted.py imports this module
@@ -38,6 +38,11 @@ HANDLE_MIN_HEIGHT = 0.03  # and this tall: a grip, not a lid's knob (m)
 HANDLE_MAX_SHARE = 0.6  # and at most this share of the object's height: the walls of its body run the whole height
 PALM_ABOVE = 0.026  # the grip site this far below the top of what is under the hand: the palm 2.4 cm above it clears
 SLIDE_RISE = 0.012  # a held object slides out from under an overhang this far above where it stood (m)
+SHIFT_ALONG = 0.03  # a blocked grasp across the body may move this far along the object (m)
+SHIFT_END = 0.012  # keeping the fingers this far inside the object's end
+SHIFT_ACROSS = 0.01  # or this far along the fingers
+SHIFT_IF_WITHIN = 0.01  # when its modelled gripper is this near a neighbour (m): the model is a few mm smaller than
+# the simulated hand (the butter's centred grasp, 2-4 mm off the basket in the model, stalled 5 cm above the butter)
 BLOCKED_WITHIN = 0.003  # a hand this near a fixture where the object is put down counts as running into it (m)
 ESCAPE_ABOVE = 0.25  # what starts within this height over a gripped object's top is in the way of its lift (m)
 
@@ -275,7 +280,26 @@ class _PickPlace:
                     continue
                 u /= np.linalg.norm(u)
                 cands.append((point, u, u))
+                cands.extend(self._shifted(v, i, point, u, R, lo, hi, a))
         return cands
+
+    def _shifted(self, v: _View, i: int, point, u, R, lo, hi, a) -> list:
+        """When the hand of a grasp across the body would run into a neighbour (its 21 cm length along the fingers),
+        the same grasp moved along the object's other side (up to SHIFT_ALONG, the fingers staying SHIFT_END inside
+        its end) or a little along the fingers (SHIFT_ACROSS: the closing fingers drag the object that far): a cream
+        cheese box beside a milk carton, butter beside the basket (LIBERO-10 task2, 4 of 50 tried the one blocked
+        grasp until the time ran out). None when the centred grasp is free."""
+        obstacles = v.obstacles(i, self._bottom(v, i) + 0.005)
+        if gripper_clearance(point, u, *obstacles) > SHIFT_IF_WITHIN:
+            return []
+        other = [b for b in range(3) if b != a and abs(R[2, b]) < 0.9][0]  # the body's other horizontal axis
+        w = R[:, other].copy()
+        w[2] = 0.0
+        w /= max(np.linalg.norm(w), 1e-9)
+        room = max(float(hi[other] - lo[other]) / 2 - SHIFT_END, 0.0)
+        shifts = [w * d for d in np.linspace(-min(room, SHIFT_ALONG), min(room, SHIFT_ALONG), 5) if abs(d) > 1e-6]
+        shifts += [u * SHIFT_ACROSS, -u * SHIFT_ACROSS]
+        return [(point + shift, u, u) for shift in shifts]
 
     @staticmethod
     def _bottom(v: _View, i: int) -> float:

@@ -230,6 +230,16 @@ def test_into_a_roofed_region_the_object_is_handed_in_then_pushed():
     assert into_enclosure(["in", "mug_1", "microwave_1_heating_region"], _View(roofless), None) is None
 
 
+def test_a_roofed_region_with_no_floor_of_its_fixture_under_it_is_no_enclosure():
+    """A shelf's region whose board below belongs to nothing of the fixture (its floor is the table): no mouth can
+    be found, and the ordinary pick-and-place is used (libero_90 task43 and task90 raised on this)."""
+    scene = enclosure_scene()
+    scene["geom_pos"][4][:2] += 1.0  # the floor box taken from under the region
+    view = _View(scene)
+    assert not Enclosure(view, "microwave_1_heating_region").roofed
+    assert into_enclosure(["in", "mug_1", "microwave_1_heating_region"], view, None) is None
+
+
 @pytest.mark.parametrize("towards, trails", [((0.0, -1.0), True), ((-1.0, -1.0), True), ((1.0, 0.0), False),
                                              ((0.0, 1.0), False)])
 def test_the_handle_is_grasped_only_when_it_trails_the_object_in(towards, trails):

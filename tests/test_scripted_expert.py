@@ -664,3 +664,19 @@ def test_a_blocked_grasp_across_the_body_is_also_offered_moved_along_the_object(
     k = choose_grasp(cands, obstacles, np.array([-1.0, 0.0, 0.0]))
     assert points[k][0] > 0  # away from the carton
     assert gripper_clearance(points[k], cands[k][1], *obstacles) > gripper_clearance(points[0], cands[0][1], *obstacles)
+
+
+def test_when_every_grasp_free_at_the_destination_has_failed_the_others_are_tried():
+    """The destination check only ranks grasps: with every grasp it left free already failed, the next plan takes
+    one it had left out instead of finding none (libero_90 task42 raised on that)."""
+    plate = (0.06, 0.2, 0.902)
+    cabinet = ("cabinet_1", True, (0.06, 0.40, 1.0), [(np.array([0.06, 0.40, 1.0]), np.eye(3),
+                                                       np.array([0.15, 0.1, 0.1]))])
+    scene = spatial_scene(plate=plate, extra=[cabinet])
+    pick = _PickPlace("akita_black_bowl_1", "plate_1", "on", scripted._Episode(0, 0.0, 0.0))
+    view = scripted._View(scene)
+    cands = pick._candidates(view)
+    blocked = pick._blocked_at_destination(view, cands)
+    pick.failed = set(range(len(cands))) - blocked
+    assert pick.step(obs_at([-0.2, 0.0, 1.17], scene), view) is not None
+    assert pick.grasp[2] in blocked and pick.phase == "approach"

@@ -336,9 +336,10 @@ class _PickPlace:
     def _blocked_at_destination(self, v: _View, cands) -> set:
         """The candidates whose hand would run into a fixture where the object is put down (a cabinet beside the
         plate: a bowl pinched on its side towards the cabinet put the hand's 21 cm length into the cabinet's side, and
-        the arm stalled 5 cm short; LIBERO-Goal task9, 3 of 50), when not all would."""
-        if not isinstance(self.dest, str) or self.dest in v.s["site_joints"]:
-            return set()  # a spot on the open table; a drawer, whose own skills leave the hand room
+        the arm stalled 5 cm short; LIBERO-Goal task9, 3 of 50), when not all would. Only for a destination that is
+        an object: on a region of a fixture (the frying pan on top of the shelf) it cost libero_90 task42 4 of 5."""
+        if not isinstance(self.dest, str) or self.dest not in v.names:
+            return set()  # a spot on the open table, or a region (a fixture's own top: the hand belongs near it)
         i, p, R = self._obj_state(v)
         bottom = self._bottom(v, i)
         dest_xy, floor = self._dest_xy_and_floor(v, bottom)
@@ -395,6 +396,8 @@ class _PickPlace:
             toward[2] = 0.0
             toward /= max(np.linalg.norm(toward), 1e-9)
             k = choose_grasp(cands, obstacles, toward, exclude=self.failed | self._blocked_at_destination(v, cands))
+            if k is None:  # the ones left free at the destination have all failed: any not failed yet
+                k = choose_grasp(cands, obstacles, toward, exclude=self.failed)
             point, axis, _ = cands[k]
             Rcur = quat_xyzw_to_mat(obs["robot0_eef_quat"])
             yaw = choose_yaw(yaw_for_axis(axis), hand_yaw(Rcur), float(obs["robot0_joint_pos"][6]),

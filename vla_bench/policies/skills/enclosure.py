@@ -62,10 +62,10 @@ class Enclosure:
             ray = [self.centre + u * (face + s) for s in np.linspace(0.0, WALL_REACH, 7)]
             if not any(_covers(self.lo, self.hi, p, z=True).any() for p in ray):
                 open_sides.append(u)
-        if open_sides:  # the one facing the robot, if several
+        floor_geoms = under & (self.hi[:, 2] >= self.floor - 1e-6)
+        if open_sides and floor_geoms.any():  # the open side facing the robot, if several
             out = max(open_sides, key=lambda u: float(np.dot(u[:2], base[:2] - self.centre[:2])))
             self.inward = -out
-            floor_geoms = under & (self.hi[:, 2] >= self.floor - 1e-6)
             self.mouth = float(min(np.minimum(self.lo[floor_geoms] @ self.inward,
                                               self.hi[floor_geoms] @ self.inward)))
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..expert_geometry import R_DOWN, choose_yaw, hand_yaw, quat_xyzw_to_mat, rot_z, world_aabbs, yaw_for_axis
 from ..expert_phases import CLOSE, OPEN, move_action
 from ..scripted import _View
-from .drawer import hand_frame, is_reached, open_sign, pose_action, rotation_error
+from .drawer import BAR_GRASP_PHASES, grasp_bar, hand_frame, is_reached, open_sign, pose_action, rotation_error
 
 PUSH_RADIUS = 0.8  # the fingertips press the leaf at this share of its width from the hinge
 PUSH_GAP = 0.016  # the grip site stays this far off the pressed face (m): a closed fingertip's half thickness
@@ -33,7 +33,7 @@ AJAR = 0.6  # a door open by this share of PULL_ANGLE is pressed from behind (it
 PREGRASP = 0.08  # the horizontal hand waits this far in front of the handle bar before going in (m)
 CLEAR_ABOVE = 0.10  # it turns and travels this far above the door's top (m): the turned hand reaches 10 cm down
 #: the phases of pulling a closed door by its handle; the others press the leaf
-PULL_PHASES = ("reorient", "to_bar", "insert", "grip", "pull", "release", "back", "turn_down")
+PULL_PHASES = BAR_GRASP_PHASES + ("pull", "release", "back", "turn_down")
 
 
 def door_skill(pred, view: _View, episode):
@@ -152,9 +152,9 @@ class _Door:
             if np.linalg.norm(target[:2] - eef[:2]) > 0.04:
                 target[2] = max(target[2], eef[2])  # go over, then down
             if np.linalg.norm(target - eef) < 0.015 or self.t > 80:
-                self._go("lower")
+                self._go("down")
             return move_action(obs, target, self.yaw, CLOSE)
-        if self.phase == "lower":
+        if self.phase == "down":
             target = contact - g.motion * BACK_OFF
             if np.linalg.norm(target - eef) < 0.01 or self.t > 40:
                 self._go("press")
@@ -184,26 +184,8 @@ class _Door:
     def _pull(self, obs, g: DoorGeometry, eef):
         R_target = self._frame(obs, g)
         bar = g.handle
-        if self.phase == "reorient":  # turn above the door, then come down in front of the bar
-            target = bar + g.outward * PREGRASP
-            target[2] = max(target[2], g.top + CLEAR_ABOVE)
-            if (np.linalg.norm(target - eef) < 0.015 and rotation_error(obs, R_target) < 0.1) or self.t > 80:
-                self._go("to_bar")
-            return pose_action(obs, target, R_target, OPEN)
-        if self.phase == "to_bar":
-            target = bar + g.outward * PREGRASP
-            if np.linalg.norm(target - eef) < 0.01 or self.t > 40:
-                self._go("insert")
-            return pose_action(obs, target, R_target, OPEN)
-        if self.phase == "insert":
-            target = bar - g.outward * 0.004
-            if np.linalg.norm(target - eef) < 0.004 or self.t > 30:
-                self._go("grip")
-            return pose_action(obs, target, R_target, OPEN)
-        if self.phase == "grip":
-            if self.t >= 10:
-                self._go("pull")
-            return pose_action(obs, bar, R_target, CLOSE)
+        if self.phase in BAR_GRASP_PHASES:  # turn above the door, then come down in front of the bar and grip it
+            return grasp_bar(self, obs, eef, bar, g.outward, R_target, PREGRASP, g.top + CLEAR_ABOVE, then="pull")
         if self.phase == "pull":
             lost = float(np.linalg.norm(eef - bar)) > 0.03
             if self._opened(g) >= PULL_ANGLE or self.t > 80 or lost:

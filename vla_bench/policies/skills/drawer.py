@@ -132,6 +132,38 @@ def is_reached(q: float, want: str, ranges) -> bool:
     return s * (edge - q) > 0
 
 
+#: the phases of grasp_bar, in order
+BAR_GRASP_PHASES = ("reorient", "lower", "insert", "grip")
+
+
+def grasp_bar(skill, obs, eef, bar, outward, R_target, pregrasp: float, clear_z: float, then: str):
+    """The action of one step of grasping a bar (a drawer's or a door's handle) from in front with the hand in the
+    pose R_target: turn while travelling at clear_z or higher, come down `pregrasp` in front of the bar (`outward`
+    from it), go in until the grip site is a little past the bar's centre, close for 10 steps; then skill goes to
+    phase `then`. `skill` has .phase, .t and ._go (phases BAR_GRASP_PHASES)."""
+    waiting = bar + outward * pregrasp
+    if skill.phase == "reorient":
+        target = waiting.copy()
+        target[2] = max(target[2], clear_z)
+        if (np.linalg.norm(target - eef) < 0.015 and rotation_error(obs, R_target) < 0.1) or skill.t > 80:
+            skill._go("lower")
+        return pose_action(obs, target, R_target, OPEN)
+    if skill.phase == "lower":
+        if np.linalg.norm(waiting - eef) < 0.01 or skill.t > 40:
+            skill._go("insert")
+        return pose_action(obs, waiting, R_target, OPEN)
+    if skill.phase == "insert":  # the grip site onto the bar, a little past its centre
+        target = bar - outward * 0.004
+        if np.linalg.norm(target - eef) < 0.004 or skill.t > 30:
+            skill._go("grip")
+        return pose_action(obs, target, R_target, OPEN)
+    if skill.phase == "grip":
+        if skill.t >= 10:
+            skill._go(then)
+        return pose_action(obs, bar, R_target, CLOSE)
+    raise AssertionError(f"grasp_bar has no phase {skill.phase}")
+
+
 def hand_frame(point_into, finger_axis) -> np.ndarray:
     """The hand's rotation with its approach axis (local z) along `point_into` and its fingers along `finger_axis`."""
     z = np.asarray(point_into, dtype=float)
@@ -287,28 +319,10 @@ class _Drawer:
     def _open(self, obs, v, q, sign, d_open, eef, handle):
         """Grasp the handle bar from the front with the hand turned horizontal, fingers vertical, and pull."""
         R_target = self._frame(obs, -d_open, np.array([0.0, 0.0, 1.0]))  # horizontal, into the drawer front
-        if self.phase == "reorient":
-            # turn and travel above everything (the turned hand reaches HAND_REACH below the grip site), then
-            # come down in front of the handle
-            target = handle + d_open * PREGRASP
-            target[2] = max(target[2], self._clear_height(v))
-            if (np.linalg.norm(target - eef) < 0.015 and rotation_error(obs, R_target) < 0.1) or self.t > 80:
-                self._go("lower")
-            return pose_action(obs, target, R_target, OPEN)
-        if self.phase == "lower":
-            target = handle + d_open * PREGRASP
-            if np.linalg.norm(target - eef) < 0.01 or self.t > 40:
-                self._go("insert")
-            return pose_action(obs, target, R_target, OPEN)
-        if self.phase == "insert":  # the grip site onto the bar, a little past its centre
-            target = handle - d_open * 0.004
-            if np.linalg.norm(target - eef) < 0.004 or self.t > 30:
-                self._go("grip")
-            return pose_action(obs, target, R_target, OPEN)
-        if self.phase == "grip":
-            if self.t >= 10:
-                self._go("move")
-            return pose_action(obs, handle, R_target, CLOSE)
+        if self.phase in BAR_GRASP_PHASES:
+            # turn and travel above everything (the turned hand reaches HAND_REACH below the grip site), then come
+            # down in front of the handle
+            return grasp_bar(self, obs, eef, handle, d_open, R_target, PREGRASP, self._clear_height(v), then="move")
         if self.phase == "move":
             # the hand follows the handle (not its own position): a grip that slips shows as a growing gap
             lost = float(np.linalg.norm(eef - handle)) > 0.03

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .expert_geometry import (BODY_GRASP_WIDTH, R_DOWN, axis_angle, choose_grasp, choose_yaw, escape_shift,
-                              gripper_clearance, hand_clearance, hand_footprint, hand_yaw, overlap_xy, quat_xyzw_to_mat, rot_z,
-                              world_aabbs, wrap, yaw_for_axis)
+                              gripper_clearance, hand_clearance, hand_footprint, hand_yaw, overlap_xy, quat_xyzw_to_mat,
+                              rot_z, world_aabbs, wrap, yaw_for_axis)
 
 if TYPE_CHECKING:  # annotations only: scripted.py imports this module
     from .scripted import _Episode, _View
@@ -288,11 +288,12 @@ class _PickPlace:
         the same grasp moved along the object's other side (up to SHIFT_ALONG, the fingers staying SHIFT_END inside
         its end) or a little along the fingers (SHIFT_ACROSS: the closing fingers drag the object that far): a cream
         cheese box beside a milk carton, butter beside the basket (LIBERO-10 task2, 4 of 50 tried the one blocked
-        grasp until the time ran out). None when the centred grasp is free."""
+        grasp until the time ran out). [] when the centred grasp is free."""
         obstacles = v.obstacles(i, self._bottom(v, i) + 0.005)
         if gripper_clearance(point, u, *obstacles) > SHIFT_IF_WITHIN:
             return []
-        other = [b for b in range(3) if b != a and abs(R[2, b]) < 0.9][0]  # the body's other horizontal axis
+        up = int(np.argmax(np.abs(R[2, :])))
+        other = 3 - a - up  # the body's other horizontal axis
         w = R[:, other].copy()
         w[2] = 0.0
         w /= max(np.linalg.norm(w), 1e-9)

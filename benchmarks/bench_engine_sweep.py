@@ -18,6 +18,8 @@ Output: OUT/bench_engine_sweep.json, rewritten after each configuration.
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import json
 import os
 import sys
@@ -70,6 +72,25 @@ class InstantPolicy:
         return actions
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all the host's cores, from /proc/stat (Linux): how full the cores were."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def memory_gib(pool) -> dict:
+    """The host's available memory and the workers' resident sets (/proc, Linux)."""
+    def kib(path, key):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+        return 0
+    rss = [kib(f"/proc/{proc.pid}/status", "VmRSS:") for proc, _ in pool.workers]
+    return {"available_gib": round(kib("/proc/meminfo", "MemAvailable:") / 2**20, 1),
+            "worker_rss_gib_mean": round(sum(rss) / len(rss) / 2**20, 2), "workers_rss_gib": round(sum(rss) / 2**20, 1)}
+
+
 def run_config(pool, policy, protocol, tasks, workers: int, groups: int) -> dict:
     from vla_bench.engine.pool import EnvSpec
     from vla_bench.engine.scheduler import Job, Scheduler
@@ -87,8 +108,12 @@ def run_config(pool, policy, protocol, tasks, workers: int, groups: int) -> dict
         scheduler.run(until=lambda: scheduler.stats.actions >= min(workers, per_task * len(tasks)))
         warm_s = time.perf_counter() - start
         before = scheduler.stats.as_dict()
+        timing_before = dataclasses.replace(scheduler.stats)
+        cpu_before, own_before = cpu_ticks(), os.times()
         scheduler.run()
+        cpu_after, own_after = cpu_ticks(), os.times()
         after = scheduler.stats.as_dict()
+        memory = memory_gib(pool)
     finally:
         scheduler.close()
     wall = after["wall_s"] - before["wall_s"]
@@ -97,6 +122,15 @@ def run_config(pool, policy, protocol, tasks, workers: int, groups: int) -> dict
               "actions": after["actions"] - before["actions"],
               "policy_s": after["policy_s"] - before["policy_s"], "wait_s": after["wait_s"] - before["wait_s"],
               "batches": {k: v for k, v in batches.items() if v}}
+    timing = dataclasses.replace(scheduler.stats)  # the timed part's simulator timings alone
+    for name in ("steps_timed", "sim_s", "render_s", "transform_s", "spans", "span_s", "lag_s"):
+        setattr(timing, name, getattr(timing, name) - getattr(timing_before, name))
+    timing.policy_s, timing.batches = result["policy_s"], collections.Counter(batches)
+    result["step_timing"] = timing.step_timing()
+    result["host_cpu_busy"] = round((cpu_after[0] - cpu_before[0]) / max(1, cpu_after[1] - cpu_before[1]), 3)
+    result["main_process_cores"] = round((own_after.user + own_after.system - own_before.user - own_before.system)
+                                         / wall, 2)
+    result["memory"] = memory
     result["actions_per_s"] = result["actions"] / wall
     result["busy"] = result["policy_s"] / wall
     result["sim_wait"] = result["wait_s"] / wall
@@ -173,7 +207,8 @@ def main(argv=None) -> int:
             save()
             print(f"[sweep] {workers}x{groups}: {result['actions_per_s']:.1f} actions/s, busy {result['busy']:.2f}, "
                   f"sim wait {result['sim_wait']:.2f}, ratio {result.get('ratio', float('nan')):.2f} "
-                  f"(warm {result['warm_s']:.0f} s, batches {result['batches']})", flush=True)
+                  f"(warm {result['warm_s']:.0f} s, batches {result['batches']}); host cpu {result['host_cpu_busy']}, "
+                  f"main {result['main_process_cores']} cores; {result['step_timing']}; {result['memory']}", flush=True)
     finally:
         pool.close()
     record["total_s"] = time.perf_counter() - started

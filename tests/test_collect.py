@@ -175,7 +175,9 @@ def test_a_demo_replays_in_the_evaluation_env_frame_for_frame(tmp_path):
         done_at = None
         for t, action in enumerate(actions):
             np.testing.assert_array_equal(obs["agentview_image"], frames[t], err_msg=f"frame {t}")
+            rendered = env.render_s
             obs, done = env.step(action)
+            assert env.render_s > rendered  # the step's camera render is timed (the engine's step timing)
             if done:
                 done_at = t
                 break

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from tests.fake_pool import FakePool
-from vla_bench.engine.pool import Answer, EnvSpec
+from vla_bench.engine.pool import Answer, EnvSpec, StepTiming
 from vla_bench.engine.scheduler import Job, Scheduler
 from vla_bench.policies.capabilities import Capabilities
 from vla_bench.protocol import reference_protocol
@@ -239,3 +239,45 @@ def test_time_blocked_on_the_simulators_is_counted_apart_from_the_policys():
     assert blocked and stats.wait_s >= sum(blocked) * 0.999
     assert stats.wait_s + stats.policy_s <= stats.wall_s
     assert stats.as_dict()["sim_wait"] == round(stats.wait_s / stats.wall_s, 4) and 0 < stats.sim_wait < 1
+
+
+class TimedEnv(ChaoticEnv):
+    """ChaoticEnv whose step answers carry a worker's timing: slot s took 10 * (s + 1) ms, 4 of them rendering and
+    1 transforming, and finished when its answer was made."""
+
+    def step(self, actions):
+        out = super().step(actions)
+        for slot, answer in out.items():
+            finished = time.monotonic()
+            answer.timing = StepTiming(finished - 0.010 * (slot + 1), finished, 0.004, 0.001)
+        return out
+
+
+def test_step_timings_add_up_per_step_and_per_group():
+    """Every step answer's worker timing is counted once: the mean worker time is the mean of the slots' own times
+    weighted by their steps, renders and transforms likewise; each lockstep batch whose steps all came back gives
+    one group span, which starts when its actions left and so lies within the run's wall time."""
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    env = TimedEnv(4)
+    pool = TaskAwarePool(env, 4)
+    scheduler = Scheduler(pool, 2)
+    scheduler.add(Job("a", [Reactive("a")], EnvSpec(protocol, 0), "t", range(6), lambda i: i, lambda o: None))
+    scheduler.run()
+    stats, timing = scheduler.stats, scheduler.stats.step_timing()
+    stepped = [slot for batch in env.batches for slot in batch]
+    assert stats.steps_timed == len(stepped) == stats.actions
+    assert timing["sim_ms"] == round(1000 * sum(0.010 * (s + 1) for s in stepped) / len(stepped), 2)
+    assert timing["render_ms"] == 4.0 and timing["transform_ms"] == 1.0
+    assert stats.spans == sum(stats.batches.values())
+    assert 0 <= stats.span_s <= stats.wall_s and stats.lag_s >= 0
+    assert timing["policy_ms_per_batch"] == round(1000 * stats.policy_s / stats.spans, 2)
+    assert stats.as_dict()["step_timing"] == timing
+
+
+def test_no_step_timing_without_timed_answers():
+    """A pool whose answers carry no timing (a remote or stand-in simulator) reports no step timing, not zeros."""
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    scheduler = Scheduler(TaskAwarePool(ChaoticEnv(2), 2), 2)
+    scheduler.add(Job("a", [Reactive("a")], EnvSpec(protocol, 0), "t", range(2), lambda i: i, lambda o: None))
+    scheduler.run()
+    assert scheduler.stats.step_timing() == {} and scheduler.stats.spans == 0

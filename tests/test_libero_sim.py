@@ -140,9 +140,14 @@ def test_episodes_run_inside_workers_match_the_lockstep_engine(project):
     outcomes = {"lockstep": {}, "workers": {}}
     with WorkerPool(2) as pool:
         instruction = "pick up the black bowl"
-        run_episodes(lockstep, pool, protocol, 0, instruction, [3, 4],
-                     lambda o: outcomes["lockstep"].update({o.init_index: (o.success, o.steps, o.error)}), groups=2)
+        stats = run_episodes(lockstep, pool, protocol, 0, instruction, [3, 4],
+                             lambda o: outcomes["lockstep"].update({o.init_index: (o.success, o.steps, o.error)}),
+                             groups=2)
         run_episodes(expert, pool, protocol, 0, instruction, [3, 4],
                      lambda o: outcomes["workers"].update({o.init_index: (o.success, o.steps, o.error)}))
     assert outcomes["workers"] == outcomes["lockstep"]
     assert all(success for success, _, _ in outcomes["workers"].values())
+    # every lockstep step came back with the worker's timing; the privileged expert renders no camera
+    timing = stats.step_timing()
+    assert timing["steps_timed"] == sum(steps for _, steps, _ in outcomes["lockstep"].values())
+    assert timing["sim_ms"] > 1 and timing["render_ms"] == 0 and stats.spans > 0

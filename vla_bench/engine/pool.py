@@ -25,6 +25,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import sys
+import time
 import traceback
 from multiprocessing.connection import wait as wait_for_connections
 from typing import Any
@@ -53,6 +54,17 @@ class Answer:
     episode: Any = None
     init_state: Any = None  # collect: the flattened sim state right after a random reset
     renderer: str | None = None  # after a reset: the renderer that draws (envs/libero.py LiberoTaskEnv.renderer)
+    timing: StepTiming | None = None  # after a step: where the worker's time went
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """Where a worker's time on one step went. `started`/`finished` are time.monotonic(), one clock for every process
+    of a host, so the scheduler can tell how long a group's simulators took from its own submit time."""
+    started: float
+    finished: float
+    render_s: float  # inside the simulator's camera renders (on the GPU host: the GPU the model also uses)
+    transform_s: float  # the policy's frame transform (JPEG round trip, resize)
 
 
 def _build_env(spec: EnvSpec):
@@ -72,6 +84,7 @@ def _worker(conn) -> None:
         conn.send(("ready", None))
         while True:
             command, *args = conn.recv()
+            started = time.monotonic()
             if command == "close":
                 break
             if command == "keep":  # ("keep", key, object): a policy or transform this worker will be asked to use
@@ -97,8 +110,12 @@ def _worker(conn) -> None:
                     answer.obs = _transformed(kept, transform_key, answer.obs)
                 elif command == "step":
                     transform_key, action = rest
+                    rendered = env.render_s
                     obs, done = env.step(action)
+                    stepped = time.monotonic()
                     answer = Answer(_transformed(kept, transform_key, obs), done)
+                    finished = time.monotonic()
+                    answer.timing = StepTiming(started, finished, env.render_s - rendered, finished - stepped)
                 elif command == "episode":
                     from .episode import run_in_worker
 

@@ -84,6 +84,14 @@ class EngineStats:
     batches: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # act() sizes
     prepare_s: float = 0.0  # warm-up before the first episodes (graph captures), not part of wall_s
     wait_s: float = 0.0  # time blocked waiting for simulator answers with no batch ready (the policy idle)
+    # where the simulators' time went, from the workers' step timings (pool.StepTiming)
+    steps_timed: int = 0
+    sim_s: float = 0.0  # workers' time on their steps, summed
+    render_s: float = 0.0  # of which camera renders
+    transform_s: float = 0.0  # of which frame transforms
+    spans: int = 0  # lockstep groups whose every step has come back
+    span_s: float = 0.0  # summed: from a group's actions leaving to its last simulator finishing
+    lag_s: float = 0.0  # summed: from a worker finishing a step to the loop reading its answer
 
     @property
     def busy(self) -> float:
@@ -94,13 +102,27 @@ class EngineStats:
         """The share of wall time the loop waited for the simulators; 1 - busy - sim_wait is the loop's own work."""
         return self.wait_s / self.wall_s if self.wall_s else 0.0
 
+    def step_timing(self) -> dict:
+        """Per simulator step (ms): the worker's time, its renders and frame transform, and how late the loop read
+        it; per lockstep group (ms): how long its simulators took to answer every slot. Compared with the policy's
+        time per batch this tells whether the simulators or the loop keep the GPU waiting."""
+        if not self.steps_timed:
+            return {}
+        per_step = lambda total: round(1000 * total / self.steps_timed, 2)  # noqa: E731
+        return {"steps_timed": self.steps_timed, "sim_ms": per_step(self.sim_s), "render_ms": per_step(self.render_s),
+                "transform_ms": per_step(self.transform_s), "answer_lag_ms": per_step(self.lag_s),
+                "group_span_ms": round(1000 * self.span_s / self.spans, 2) if self.spans else None,
+                "policy_ms_per_batch": round(1000 * self.policy_s / sum(self.batches.values()), 2)
+                if self.batches else None}
+
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall_s, 3), "prepare_s": round(self.prepare_s, 3),
                 "policy_s": round(self.policy_s, 3), "gpu_busy": round(self.busy, 4),
                 "wait_s": round(self.wait_s, 3), "sim_wait": round(self.sim_wait, 4),
                 "episodes": self.episodes, "actions": self.actions,
                 "actions_per_s": round(self.actions / self.wall_s, 2) if self.wall_s else 0.0,
-                "batches": {str(k): v for k, v in sorted(self.batches.items())}}
+                "batches": {str(k): v for k, v in sorted(self.batches.items())},
+                "step_timing": self.step_timing()}
 
 
 class Scheduler:
@@ -120,6 +142,7 @@ class Scheduler:
         self._threads = None
         self._since = None
         self._prepared: dict[int, tuple] = {}  # id(policy) -> (batch, instructions) it has been prepared for
+        self._span: dict[int, list] = {}  # group -> [monotonic time its actions left, steps out, latest finish]
 
     def add(self, job: Job) -> Job:
         self.jobs.append(job)
@@ -235,6 +258,7 @@ class Scheduler:
                 self._waiting.add(slot)
         else:
             self._stepping.discard(slot)
+            self._timed(slot, answer)
             if episode.advance(answer.obs, answer.done, answer.error):
                 self._finish(slot, episode.outcome)
             else:
@@ -255,6 +279,27 @@ class Scheduler:
             job.stopped = True
         if self.on_episode is not None:
             self.on_episode(job, outcome)
+
+    def _timed(self, slot: int, answer: Answer) -> None:
+        """Count one step answer into the simulator timings and its group's span."""
+        span = self._span.get(slot % self.groups)
+        latest = span[2] if span else 0.0
+        timing = answer.timing
+        if timing is not None:
+            self.stats.steps_timed += 1
+            self.stats.sim_s += timing.finished - timing.started
+            self.stats.render_s += timing.render_s
+            self.stats.transform_s += timing.transform_s
+            self.stats.lag_s += max(0.0, time.monotonic() - timing.finished)
+            latest = max(latest, timing.finished)
+        if span:
+            span[1] -= 1
+            span[2] = latest
+            if span[1] == 0:
+                del self._span[slot % self.groups]
+                if latest:
+                    self.stats.spans += 1
+                    self.stats.span_s += latest - span[0]
 
     # ---- acting ---------------------------------------------------------------------------------------------
     def _ready_group(self) -> int | None:
@@ -281,6 +326,7 @@ class Scheduler:
         else:
             results = [self._call(*c) for c in calls.values()]
         self.stats.policy_s += time.perf_counter() - started
+        span = [time.monotonic(), 0, 0.0]
         for planned, failed in results:
             for slot, message in failed.items():
                 self._finish(slot, self._episode[slot].end(False, message))
@@ -288,11 +334,14 @@ class Scheduler:
                 episode = self._episode[slot]
                 if episode.check(action):
                     self._stepping.add(slot)
+                    span[1] += 1
                     self.stats.actions += 1
                     self.pool.submit(slot, "step", self._job_of[slot].spec, self._job_of[slot].transform_key,
                                      episode.executed(action))
                 else:
                     self._finish(slot, episode.outcome)
+        if span[1]:
+            self._span[group] = span
 
     def _call(self, policy, slots: list[int]) -> tuple[dict, dict]:
         """One policy's batch: ({slot: action}, {slot: error message})."""

@@ -5,6 +5,8 @@ before torchvision makes triton segfault at import in the reference stack, and t
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..protocol import WAIT_ACTION, Protocol
@@ -46,6 +48,8 @@ class LiberoTaskEnv:
         self._fixture_homes: list | None = None  # (body id, pos, quat) of each fixture in the model file
         #: the verdict on the last evaluation reset's settled scene against the reference stack's fingerprint
         self.scene_check: SceneCheck | None = None
+        #: seconds spent inside the simulator's camera renders since the env was built (the engine's step timing)
+        self.render_s = 0.0
 
     def reset(self, init_index: int, seed: int) -> dict:
         """Start the episode on init state `init_index` and step the protocol's wait steps."""
@@ -111,8 +115,27 @@ class LiberoTaskEnv:
         return self._observe(obs)
 
     def step(self, action: np.ndarray) -> tuple[dict, bool]:
+        self._time_renders()
         obs, _reward, done, _info = self.env.step(np.asarray(action, dtype=np.float64).tolist())
         return self._observe(obs), bool(done)
+
+    def _time_renders(self) -> None:
+        """Count the time of robosuite's camera renders into render_s (wrapped once per simulator object; robosuite
+        renders through sim.render inside env.step and offers no timing of its own)."""
+        sim = self.env.sim
+        if getattr(sim.render, "vla_bench_timed", False):
+            return
+        render = sim.render
+
+        def timed_render(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return render(*args, **kwargs)
+            finally:
+                self.render_s += time.perf_counter() - started
+
+        timed_render.vla_bench_timed = True
+        sim.render = timed_render
 
     def _observe(self, obs: dict) -> dict:
         if self.privileged:

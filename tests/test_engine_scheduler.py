@@ -185,6 +185,34 @@ def test_replicas_each_keep_their_own_slots():
     assert rows == {i: (s, n) for (_, _, i), (s, n, _) in alone.items()}
 
 
+def test_every_group_is_spread_over_every_replica():
+    """With two lockstep groups and two replicas, each group's batch has slots on both replicas (so both devices
+    compute at once), every slot keeps one replica, and each outcome names the replica that acted for it."""
+    protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
+    replicas = [Reactive("a"), Reactive("a")]
+    calls = []  # (replica, slots) of every act
+    for k, policy in enumerate(replicas):
+        act = policy.act
+
+        def spy(observations, instructions, slots, k=k, act=act):
+            calls.append((k, tuple(slots)))
+            return act(observations, instructions, slots)
+        policy.act = spy
+    outcomes = []
+    scheduler = Scheduler(TaskAwarePool(ChaoticEnv(8), 8), 2)
+    scheduler.add(Job("a", replicas, EnvSpec(protocol, 0), "t", range(16), lambda i: protocol.episode_seed(0, i),
+                      outcomes.append))
+    scheduler.run()
+    scheduler.close()
+    replica_of_slot = {}
+    for k, slots in calls:
+        for slot in slots:
+            assert replica_of_slot.setdefault(slot, k) == k
+    for group in (0, 1):
+        assert {replica_of_slot[s] for s in range(8) if s % 2 == group} == {0, 1}
+    assert all(o.replica == replica_of_slot[o.slot] for o in outcomes) and len(outcomes) == 16
+
+
 def test_slots_are_spread_over_the_jobs_and_keep_their_task():
     """Six slots and three jobs of six episodes each: two slots start on each job, and a slot whose job has
     episodes left is never moved to another task (a move costs a new env)."""

@@ -183,7 +183,7 @@ class TaskRun:
                                                self.task.task_id, outcome.init_index, label,
                                                self.settings.video_format),
                                     outcome.frames, self.settings.video_format))
-        replica = (outcome.slot or 0) % len(self.policies)
+        replica = outcome.replica
         record = EpisodeRecord(self.spec.name, self.identity, self.protocol.suite, self.task_index, self.task.name,
                                outcome.init_index, outcome.seed, self.key, self.protocol.as_dict(), outcome.success,
                                outcome.steps, outcome.error, outcome.wall_s, self.versions,

@@ -71,7 +71,8 @@ class EpisodeOutcome:
     scene_check: str | None = None  # the settled scene's verdict against the reference stack
     demo: dict | None = None  # collect: a `write_libero_demos` mapping
     renderer: str | None = None  # the worker's renderer, e.g. 'egl: NVIDIA Corporation NVIDIA H200/PCIe/SSE2'
-    slot: int | None = None  # the pool slot that ran it (its policy replica follows from it)
+    slot: int | None = None  # the pool slot that ran it
+    replica: int = 0  # which of the job's policy replicas (devices) acted for it
     summary: EpisodeSummary | None = None  # action figures and why it stopped (engine/trace.py)
     trajectory: bytes | None = None  # the per-step trajectory when requested (EpisodeTrace.to_blob)
 

@@ -33,6 +33,14 @@ from .episode import Episode, EpisodeOutcome, EpisodeRequest, last_phase
 from .pool import Answer, EnvSpec
 
 
+def replica_of(slot: int, groups: int, replicas: int) -> int:
+    """The policy replica (device) that acts for `slot`. Slot s belongs to lockstep group s % groups, so the replica
+    follows s // groups: every group's batch is spread evenly over the replicas and they compute at once (by
+    s % replicas, two groups and two replicas would give each group one device, and the devices would take turns).
+    A slot keeps its replica, whose per-slot state (the episode's reset) lives there."""
+    return (slot // groups) % replicas
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """The episodes of one (checkpoint, suite, task) to run. `policies`: one replica per device (episodes are spread
@@ -65,8 +73,8 @@ class Job:
     def finished(self) -> bool:
         return not self.can_start and self.running == 0
 
-    def policy_for(self, slot: int):
-        return self.policies[slot % len(self.policies)]
+    def policy_for(self, slot: int, groups: int):
+        return self.policies[replica_of(slot, groups, len(self.policies))]
 
     @property
     def transform_key(self):
@@ -190,7 +198,8 @@ class Scheduler:
                 if prepare is None:
                     continue
                 largest = max(sum(1 for s in range(self.pool.n) if s % self.groups == g
-                                  and s % len(job.policies) == r) for g in range(self.groups))
+                                  and replica_of(s, self.groups, len(job.policies)) == r)
+                              for g in range(self.groups))
                 _, batch, texts = wanted.get(id(policy), (policy, 0, set()))
                 wanted[id(policy)] = (policy, max(batch, largest), texts | {job.instruction})
         for key, (policy, batch, texts) in wanted.items():
@@ -229,13 +238,13 @@ class Scheduler:
         transform = job.capabilities.frame_transform
         self.pool.keep(slot, job.transform_key, transform)
         if job.capabilities.in_worker:
-            policy = job.policy_for(slot)
+            policy = job.policy_for(slot, self.groups)
             key = ("policy", id(policy))
             self.pool.keep(slot, key, policy)
             self._episode[slot] = request
             self.pool.submit(slot, "episode", job.spec, key, job.transform_key, request)
         else:
-            policy = job.policy_for(slot)
+            policy = job.policy_for(slot, self.groups)
             policy.reset(slot, request.seed)
             self._episode[slot] = Episode(request, lambda: last_phase(policy, slot))
             self._resetting.add(slot)
@@ -265,8 +274,8 @@ class Scheduler:
                 self._waiting.add(slot)
 
     def _finish(self, slot: int, outcome: EpisodeOutcome) -> None:
-        outcome.slot = slot
         job = self._job_of.pop(slot)
+        outcome.slot, outcome.replica = slot, replica_of(slot, self.groups, len(job.policies))
         self._episode.pop(slot)
         self._waiting.discard(slot)
         job.running -= 1
@@ -318,7 +327,7 @@ class Scheduler:
         self._waiting.difference_update(slots)
         calls: dict[int, tuple] = {}  # id(policy) -> (policy, slots)
         for slot in slots:
-            policy = self._job_of[slot].policy_for(slot)
+            policy = self._job_of[slot].policy_for(slot, self.groups)
             calls.setdefault(id(policy), (policy, []))[1].append(slot)
         started = time.perf_counter()
         if len(calls) > 1 and self._replicas():  # replicas on several devices compute at once

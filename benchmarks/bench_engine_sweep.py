@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     pool = WorkerPool(max(w for w, _ in configs))  # spawned while the model loads
     record["pool_start_s"] = time.perf_counter() - t
+    record["arenas"] = pool.arenas[0] is not None  # frames through shared memory (engine/arena.py)
     args.snapshot = folder
     loader = argparse.Namespace(snapshot=folder, tiny=args.tiny, suite=args.suite)
     t = time.perf_counter()

@@ -89,8 +89,8 @@ class PoolEnv:
     """The real worker pool behind a synchronous batch interface (reset/step over {slot: ...}), for simulator
     tests that drive single steps themselves."""
 
-    def __init__(self, protocol, task_index, n, cameras=(), privileged=False, transform=None):
-        self.pool = WorkerPool(n)
+    def __init__(self, protocol, task_index, n, cameras=(), privileged=False, transform=None, arenas=True):
+        self.pool = WorkerPool(n, arenas)
         self.spec = EnvSpec(protocol, task_index, tuple(cameras), privileged)
         self.transform_key = ("transform", id(transform)) if transform is not None else None
         for slot in range(n):

@@ -46,6 +46,34 @@ def test_workers_prepare_the_policy_frame_in_parallel_and_it_equals_the_main_pro
         assert np.array_equal(other.frame(result.obs), reference_chain(result.obs["agentview_image"], True, False))
 
 
+def test_frames_through_shared_memory_equal_frames_through_the_pipes():
+    """The pool's arenas (engine/arena.py) change how an answer travels, not what it says: a reset and two steps
+    give equal observations, every array with its dtype and shape, with and without them; and the frames are the
+    main process's own copies (the next step does not change them)."""
+    from vla_bench.openvla.image import FrameChain
+
+    chain = FrameChain("agentview_image", flip=True, crop=True)
+    protocol = reference_protocol("libero_spatial")
+    runs = {}
+    for arenas in (True, False):
+        with PoolEnv(protocol, 0, 1, cameras=("agentview",), transform=chain, arenas=arenas) as env:
+            assert (env.pool.arenas[0] is not None) == arenas
+            first = env.reset({0: (0, 1)})[0].obs
+            kept = first["agentview_image"].copy()
+            steps = [env.step({0: np.full(7, 0.3)})[0].obs for _ in range(2)]
+            np.testing.assert_array_equal(first["agentview_image"], kept)
+            runs[arenas] = [first, *steps]
+    for with_arena, through_pipe in zip(runs[True], runs[False]):
+        assert list(with_arena) == list(through_pipe)
+        for key, value in through_pipe.items():
+            other = with_arena[key]
+            if key == FrameChain.PREPARED:
+                value, other = value[1], other[1]
+            if isinstance(value, np.ndarray):
+                assert other.dtype == value.dtype and other.shape == value.shape, key
+                np.testing.assert_array_equal(other, value, err_msg=key)
+
+
 def test_an_episode_is_the_same_whatever_ran_before_it_in_the_process():
     """The same (task, init state, seed) gives the same scene after the wait steps, even when another episode
     ran first in the same env, one that moved the arm and closed the gripper (LIBERO re-places fixtures from

@@ -1,9 +1,79 @@
-"""The worker pool's plumbing (engine/pool.py) without a simulator: answers are read by the pool's receiver thread
-while the caller is elsewhere, and a worker that dies is answered as an error and replaced."""
+"""The worker pool's plumbing (engine/pool.py, engine/arena.py): answers' large arrays through shared memory, a dead
+worker answered as an error and replaced."""
 import os
-import time
+from collections import OrderedDict
 
+import numpy as np
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from vla_bench.engine import arena as arena_module
+from vla_bench.engine.arena import ARENA_BYTES, INLINE_BELOW, Arena, InArena
 from vla_bench.engine.pool import WorkerPool
+
+dtypes = st.sampled_from([np.uint8, np.float32, np.float64, np.int64, ">i4", np.bool_])
+arrays = dtypes.flatmap(lambda d: hnp.arrays(d, hnp.array_shapes(max_dims=3, max_side=160)))
+leaves = arrays | st.integers() | st.text(max_size=5) | st.none()
+observations = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner)
+                            | st.dictionaries(st.text(max_size=4), inner, max_size=4), max_leaves=8)
+
+
+def assert_same(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, (dict, list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b):
+            assert_same(x, y)
+        if isinstance(a, dict):
+            assert list(a) == list(b)
+    else:
+        assert a == b
+
+
+@settings(max_examples=60, deadline=None)
+@given(observations)
+def test_an_observation_comes_out_of_the_arena_as_it_went_in(obs):
+    """For any nesting of dicts, lists and tuples of arrays (any dtype, byte order and shape) and plain values,
+    what the worker packs into its arena the main process unpacks equal, with every array its own copy: the arena
+    can take the slot's next answer without changing the last one."""
+    worker = Arena(create=True)
+    main = Arena(worker.name)  # attached by name, as the other process does
+    try:
+        packed = worker.pack(obs)
+        out = main.unpack(packed)
+        assert_same(out, obs)
+        worker.bytes[:] = 0xAB  # the next answer overwrites the arena
+        assert_same(out, obs)
+    finally:
+        main.close()
+        worker.close()
+
+
+def test_large_arrays_go_by_reference_small_ones_and_overflow_inline():
+    arena = Arena(create=True)
+    try:
+        frame = np.arange(256 * 256 * 3, dtype=np.uint8).reshape(256, 256, 3)
+        state = np.zeros(9)
+        big = np.zeros(ARENA_BYTES, np.uint8)  # does not fit after the frame
+        packed = arena.pack(OrderedDict(image=frame, state=state, prepared=("chain", frame[:224, :224]), big=big))
+        assert isinstance(packed, OrderedDict)
+        assert isinstance(packed["image"], InArena) and isinstance(packed["prepared"][1], InArena)
+        assert packed["state"] is state and packed["big"] is big and state.nbytes < INLINE_BELOW
+        assert packed["prepared"][1].offset % 64 == 0 and packed["prepared"][1].offset >= frame.nbytes
+    finally:
+        arena.close()
+
+
+def test_no_arenas_where_dev_shm_is_too_small(monkeypatch):
+    """A container's small /dev/shm (docker's default is 64 MB) would kill workers writing past it: the pool then
+    sends everything through the pipes."""
+    class Tiny:
+        f_bavail, f_frsize = 64 << 20 >> 12, 4096
+    monkeypatch.setattr(arena_module.os, "statvfs", lambda path: Tiny())
+    assert arena_module.fits_in_shm(32) and not arena_module.fits_in_shm(48)
 
 
 class ExitOnArrival:
@@ -11,35 +81,6 @@ class ExitOnArrival:
 
     def __reduce__(self):
         return os._exit, (3,)
-
-
-def _until(condition, limit=30.0):
-    deadline = time.monotonic() + limit
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
-
-
-def test_answers_are_read_while_the_caller_is_away():
-    """Answers arrive in the pool (read off the workers' sockets) before the caller asks for them, the way they do
-    while the caller waits for a GPU batch; wait then hands each over once, and busy covers them until then."""
-    with WorkerPool(2) as pool:
-        for slot in (0, 1):
-            pool.submit(slot, "no such command", None)
-        assert _until(lambda: len(pool._arrived) == 2)  # nobody called wait: the receiver read both
-        assert pool.busy == {0, 1}
-        answers = pool.wait()
-        assert set(answers) == {0, 1} and all("unknown command" in a.error for a in answers.values())
-        assert pool.busy == set() and pool.wait(timeout=0) == {}
-
-
-def test_wait_for_some_slots_leaves_the_others_answers():
-    with WorkerPool(2) as pool:
-        for slot in (0, 1):
-            pool.submit(slot, "no such command", None)
-        assert _until(lambda: len(pool._arrived) == 2)
-        assert set(pool.wait(slots={1})) == {1}
-        assert set(pool.wait()) == {0}
 
 
 def test_a_dead_worker_is_answered_as_an_error_and_replaced():

@@ -25,7 +25,6 @@ import dataclasses
 import multiprocessing as mp
 import os
 import sys
-import threading
 import time
 import traceback
 from multiprocessing.connection import wait as wait_for_connections
@@ -33,6 +32,7 @@ from typing import Any
 
 from ..protocol import Protocol
 from ..envs.rendering import private_workdir
+from .arena import Arena, fits_in_shm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +74,11 @@ def _build_env(spec: EnvSpec):
     return LiberoTaskEnv(spec.protocol, spec.task_index, spec.cameras, spec.privileged)
 
 
-def _worker(conn) -> None:
+def _worker(conn, arena_name: str | None) -> None:
     # one BLAS thread per worker: the workers already fill the cores, more threads only oversubscribe them
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     workdir = private_workdir()  # MuJoCo's MUJOCO_LOG.TXT goes there, not into the user's folder
+    arena = Arena(arena_name) if arena_name else None  # large arrays of answers go there (engine/arena.py)
     env, env_spec = None, None
     kept: dict = {}  # key -> policy or frame transform sent once by the pool
     torch_threads_set = False
@@ -129,6 +130,8 @@ def _worker(conn) -> None:
                     answer.renderer = env.renderer
                     if answer.init_state is None:
                         answer.scene_check = str(env.scene_check)
+                if arena is not None and answer.obs is not None:
+                    answer.obs = arena.pack(answer.obs)
                 conn.send(("ok", answer))
             except Exception:  # a simulator error ends this episode only; the next reset starts clean
                 conn.send(("ok", Answer(error=traceback.format_exc(limit=4))))
@@ -137,6 +140,8 @@ def _worker(conn) -> None:
     finally:
         if env is not None:
             env.close()
+        if arena is not None:
+            arena.close()
         conn.close()
         workdir.cleanup()
 
@@ -156,26 +161,20 @@ def _transformed(kept: dict, transform_key, obs):
 class WorkerPool:
     """`n` simulator workers; slots are numbered 0 .. n-1. Use as a context manager (close stops the workers).
 
-    A receiver thread reads every answer as soon as its worker sends it, while the caller is elsewhere: inside a
-    model's batch on the GPU, which releases the GIL while it waits. Reading in the caller after the batch took
-    ~2 ms an answer (a ~350 kB observation through a socket, 48 workers on 16 cores): 51 ms of every 211 ms batch
-    with 24 slots, time the GPU sat idle (H200 sweep, issue 18). `wait` hands over what has arrived."""
+    Each slot has a shared-memory arena through which its answers' camera frames travel (engine/arena.py), unless
+    /dev/shm is too small for them or `arenas=False`."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, arenas: bool = True):
         self.ctx = mp.get_context("spawn")
         self.workers: list = [None] * n
         self._kept: list[set] = [set() for _ in range(n)]  # keys each worker holds
-        self._lock = threading.Condition()
-        self._pending: dict = {}  # connection -> slot with a command in flight, its answer not yet read
-        self._arrived: dict[int, tuple] = {}  # slot -> (status, payload) read, not yet handed over by wait
-        self._wake_r, self._wake_w = os.pipe()  # a byte here makes the receiver look at _pending again
-        self._closing = False
+        self._pending: dict = {}  # connection -> slot with a command in flight
+        self.arenas: list[Arena | None] = [Arena(create=True) if arenas and fits_in_shm(n) else None
+                                           for _ in range(n)]
         for slot in range(n):
             self._start(slot)
         for slot in range(n):
             self._ready(slot)
-        self._receiver = threading.Thread(target=self._receive, name="vla-bench pool receiver", daemon=True)
-        self._receiver.start()
 
     @property
     def n(self) -> int:
@@ -183,20 +182,20 @@ class WorkerPool:
 
     def _start(self, slot: int) -> None:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
+        arena = self.arenas[slot]
+        proc = self.ctx.Process(target=_worker, args=(child, arena.name if arena else None), daemon=True)
         proc.start()
         child.close()
         self.workers[slot] = (proc, parent)
         self._kept[slot] = set()
 
     def _ready(self, slot: int) -> None:
-        status, payload = self._recv(self.workers[slot])
+        status, payload = self._recv(slot)
         if status != "ready":
             raise RuntimeError(f"simulator worker failed to start:\n{payload}")
 
-    @staticmethod
-    def _recv(worker):
-        proc, conn = worker
+    def _recv(self, slot: int):
+        proc, conn = self.workers[slot]
         try:
             return conn.recv()
         except (EOFError, ConnectionResetError, OSError):
@@ -210,28 +209,6 @@ class WorkerPool:
         except (BrokenPipeError, OSError):
             return False
 
-    def _receive(self) -> None:
-        """The receiver thread: read each answer as it comes (a dead worker's EOF is its answer)."""
-        while True:
-            with self._lock:
-                if self._closing:
-                    return
-                pending = dict(self._pending)
-            ready = wait_for_connections([*pending, self._wake_r])
-            for conn in ready:
-                if conn == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                    continue
-                slot = pending[conn]
-                answer = self._recv(self.workers[slot])
-                with self._lock:
-                    del self._pending[conn]
-                    self._arrived[slot] = answer
-                    self._lock.notify_all()
-
-    def _wake(self) -> None:
-        os.write(self._wake_w, b"x")
-
     def keep(self, slot: int, key, obj) -> None:
         """Make sure worker `slot` holds `obj` (a policy or a frame transform) under `key`; sent once per worker."""
         if obj is not None and key not in self._kept[slot]:
@@ -241,32 +218,27 @@ class WorkerPool:
     def submit(self, slot: int, command: str, spec: EnvSpec, *args) -> None:
         """Send one command to worker `slot`; its answer comes back through `wait`. One command per slot at a time."""
         conn = self.workers[slot][1]
-        with self._lock:
-            if slot in self.busy:
-                raise RuntimeError(f"slot {slot} already has a command in flight")
-            self._pending[conn] = slot
-        self._send(slot, (command, spec, *args))  # a dead worker: its pipe's EOF is read as its answer
-        self._wake()
+        if conn in self._pending:
+            raise RuntimeError(f"slot {slot} already has a command in flight")
+        self._pending[conn] = slot
+        self._send(slot, (command, spec, *args))  # a dead worker: wait() reads its pipe and answers with the error
 
     @property
     def busy(self) -> set[int]:
-        """Slots whose answer `wait` has not handed over yet."""
-        with self._lock:
-            return set(self._pending.values()) | set(self._arrived)
+        return set(self._pending.values())
 
     def wait(self, slots=None, timeout: float | None = None) -> dict[int, Answer]:
         """The answers that have arrived (blocking until at least one, or `timeout`), optionally only from `slots`."""
-        wanted = (lambda s: True) if slots is None else (lambda s: s in slots)
-        with self._lock:
-            if not any(wanted(s) for s in (*self._pending.values(), *self._arrived)):
-                return {}
-            self._lock.wait_for(lambda: any(wanted(s) for s in self._arrived), timeout)
-            arrived = {s: a for s, a in self._arrived.items() if wanted(s)}
-            for slot in arrived:
-                del self._arrived[slot]
+        conns = [c for c, s in self._pending.items() if slots is None or s in slots]
+        if not conns:
+            return {}
         answers = {}
-        for slot, (status, payload) in arrived.items():
+        for conn in wait_for_connections(conns, timeout):
+            slot = self._pending.pop(conn)
+            status, payload = self._recv(slot)
             if status == "ok":
+                if self.arenas[slot] is not None and payload.obs is not None:
+                    payload.obs = self.arenas[slot].unpack(payload.obs)  # copied out before the slot's next command
                 answers[slot] = payload
             else:  # the worker is gone (segfault, OOM kill): answer with the error and replace it
                 answers[slot] = Answer(error=str(payload))
@@ -283,10 +255,6 @@ class WorkerPool:
         self._ready(slot)
 
     def close(self) -> None:
-        with self._lock:
-            self._closing = True
-        self._wake()
-        self._receiver.join(timeout=30)
         for slot in range(self.n):
             self._send(slot, ("close",))
         for proc, conn in self.workers:
@@ -294,10 +262,11 @@ class WorkerPool:
             if proc.is_alive():
                 proc.kill()
             conn.close()
-        self.workers = []
-        self._pending, self._arrived = {}, {}
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for arena in self.arenas:
+            if arena is not None:
+                arena.close()
+        self.workers, self.arenas = [], []
+        self._pending = {}
 
     def __enter__(self):
         return self

@@ -25,8 +25,9 @@ from .results import ResultsStore, library_versions
 
 
 #: default simulator workers per CPU core for a model on a GPU (--vla-workers not given): measured on an H200 host
-#: with 16 cores and a 7B OpenVLA, 2 groups of 24 slots ran 87.5 actions/s against the kernel's 112.6 at those batch
-#: sizes; with one worker per core the batches would be 8, where the kernel alone does 91 actions/s (B=16: 110)
+#: with 16 cores and a 7B OpenVLA, 2 groups of 24 slots ran 87.5-91.7 actions/s against the kernel's 112.6-116.5 at
+#: those batch sizes; with one worker per core the batches would be 8, where the kernel alone does 91 actions/s (B=16:
+#: 110). 48 simulators alone ran 312 actions/s there, so more workers would not help; memory caps them (sizing.py)
 GPU_WORKERS_PER_CORE = 3
 
 #: --vla-compare with no name: each checkpoint's own `baseline` key in checkpoints.toml

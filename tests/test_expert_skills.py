@@ -16,7 +16,7 @@ from vla_bench.policies.expert_phases import PALM_ABOVE
 from vla_bench.policies.scripted import _View
 from vla_bench.policies.skills.door import DoorGeometry, _Door, door_skill
 from vla_bench.policies.skills.enclosure import Enclosure, into_enclosure, protruding_grasps
-from vla_bench.policies.skills.drawer import _Drawer, hand_frame, is_reached, open_sign
+from vla_bench.policies.skills.drawer import _Drawer, hand_frame, is_reached, open_sign, reach
 from vla_bench.policies.skills.push import _Push, push_skill
 
 
@@ -376,3 +376,28 @@ def test_what_the_opened_drawer_would_cover_is_moved_aside_first():
     far = _View(drawer_scene((0.0, 0.2)))
     assert [type(s).__name__ for s in skills.prerequisites(["in", "bowl_1", "cabinet_1_top_region"], far, None)] \
         == ["_Drawer"]
+
+
+class _Phases:
+    def __init__(self):
+        self.phase, self.t = "move", 0
+
+    def _go(self, phase):
+        self.phase, self.t = phase, 0
+
+
+def test_a_reaching_phase_moves_on_when_there_and_turned_or_out_of_time():
+    """A phase that takes the hand to a target moves on once the grip site is within reach of it (and, when asked,
+    the hand is turned to the target pose), or when its steps run out; it always steers towards the target."""
+    down = np.diag([1.0, -1.0, -1.0])  # the hand pointing down: quaternion (x, y, z, w) = (1, 0, 0, 0)
+    obs = {"robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([1.0, 0.0, 0.0, 0.0])}
+    eef, near, far = np.zeros(3), np.array([0.005, 0.0, 0.0]), np.array([0.05, 0.0, 0.0])
+    turned_away = hand_frame([0.0, 0.0, -1.0], [1.0, 0.0, 0.0])  # down, but turned 90 degrees about z
+    cases = [(near, down, False, 0, "next"), (far, down, False, 0, "move"), (far, down, False, 41, "next"),
+             (near, turned_away, True, 0, "move"), (near, turned_away, False, 0, "next"), (near, down, True, 0, "next")]
+    for target, R, turned, t, phase in cases:
+        skill = _Phases()
+        skill.t = t
+        action = reach(skill, obs, eef, target, R, 1.0, 0.01, 40, "next", turned=turned)
+        assert skill.phase == phase, (target, turned, t)
+        assert action[0] > 0 and action[6] == 1.0  # towards +x, gripper as asked

@@ -145,13 +145,9 @@ def grasp_bar(skill, obs, eef, bar, outward, R_target, pregrasp: float, clear_z:
     if skill.phase == "reorient":
         target = waiting.copy()
         target[2] = max(target[2], clear_z)
-        if (np.linalg.norm(target - eef) < 0.015 and rotation_error(obs, R_target) < 0.1) or skill.t > 80:
-            skill._go("lower")
-        return pose_action(obs, target, R_target, OPEN)
+        return reach(skill, obs, eef, target, R_target, OPEN, 0.015, 80, "lower", turned=True)
     if skill.phase == "lower":
-        if np.linalg.norm(waiting - eef) < 0.01 or skill.t > 40:
-            skill._go("insert")
-        return pose_action(obs, waiting, R_target, OPEN)
+        return reach(skill, obs, eef, waiting, R_target, OPEN, 0.01, 40, "insert")
     if skill.phase == "insert":  # the grip site onto the bar, a little past its centre
         target = bar - outward * 0.004
         if np.linalg.norm(target - eef) < 0.004 or skill.t > 30:
@@ -188,6 +184,17 @@ def pose_action(obs, target, R_target, gripper) -> np.ndarray:
 def rotation_error(obs, R_target) -> float:
     R = quat_xyzw_to_mat(obs["robot0_eef_quat"])
     return float(np.linalg.norm(axis_angle(R_target @ R.T)))
+
+
+def reach(skill, obs, eef, target, R_target, gripper, within: float, steps: int, then: str,
+          turned: bool = False) -> np.ndarray:
+    """One step of a phase that takes the grip site to `target` in the pose R_target: `skill` goes to phase `then`
+    once the grip site is within `within` of it (and the hand turned to R_target, where `turned`) or after `steps`
+    steps. `skill` has .t and ._go."""
+    close = np.linalg.norm(target - eef) < within and (not turned or rotation_error(obs, R_target) < 0.1)
+    if close or skill.t > steps:
+        skill._go(then)
+    return pose_action(obs, target, R_target, gripper)
 
 
 class _Drawer:
@@ -269,13 +276,9 @@ class _Drawer:
             target = point + np.array([0.0, 0.0, 0.10])
             if np.linalg.norm(target[:2] - eef[:2]) > 0.04:
                 target[2] = max(target[2], eef[2])  # go over, then down
-            if (np.linalg.norm(target - eef) < 0.015 and rotation_error(obs, R_target) < 0.1) or self.t > 80:
-                self._go("lower")
-            return pose_action(obs, target, R_target, CLOSE)
+            return reach(self, obs, eef, target, R_target, CLOSE, 0.015, 80, "lower", turned=True)
         if self.phase == "lower":
-            if np.linalg.norm(point - eef) < 0.008 or self.t > 40:
-                self._go("move")
-            return pose_action(obs, point, R_target, CLOSE)
+            return reach(self, obs, eef, point, R_target, CLOSE, 0.008, 40, "move")
         if self.phase == "move":
             lost = float(np.linalg.norm((eef - point)[:2])) > 0.03
             if is_reached(q, "close", self.ranges) or self.t > 80 or lost:

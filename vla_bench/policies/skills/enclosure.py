@@ -19,7 +19,7 @@ import numpy as np
 from ..expert_geometry import R_DOWN, rot_z, world_aabbs, yaw_for_axis
 from ..expert_phases import CLOSE, OPEN, PALM_ABOVE, _PickPlace, move_action
 from ..scripted import _View
-from .drawer import hand_frame, pose_action, rotation_error
+from .drawer import hand_frame, pose_action, reach, rotation_error
 
 WALL_REACH = 0.06  # a fixture box this far beyond a face of the region walls that side (m)
 HAND_BEHIND = 0.024  # the hand body starts this far behind the grip site along the approach (GRIPPER_BOXES)
@@ -227,16 +227,12 @@ class _PushIn:
         if self.phase == "turn":  # turn horizontal above the object's trailing side, then come down behind it
             target = behind.copy()
             target[2] = max(z + 0.10, float(ohi[2]) + 0.12)
-            if (np.linalg.norm(target - eef) < 0.02 and rotation_error(obs, R_target) < 0.1) or self.t > 60:
-                self._go("down")
-            return pose_action(obs, target, R_target, CLOSE)
+            return reach(self, obs, eef, target, R_target, CLOSE, 0.02, 60, "down", turned=True)
         if self.phase == "down":
-            if np.linalg.norm(behind - eef) < 0.01 or self.t > 40:
-                self._go("push")
-            return pose_action(obs, behind, R_target, CLOSE)
+            return reach(self, obs, eef, behind, R_target, CLOSE, 0.01, 40, "push")
         if self.phase == "push":
-            reach = float(np.dot(eef, inward))
-            if self._done(place, v, i) or reach > limit - 0.003 or self.t > 80:
+            depth = float(np.dot(eef, inward))
+            if self._done(place, v, i) or depth > limit - 0.003 or self.t > 80:
                 self.back_to = eef - inward * 0.08
                 self._go("back")
             along = min(trailing - FINGERTIP_AHEAD + 0.03, limit)

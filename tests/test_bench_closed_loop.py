@@ -171,3 +171,29 @@ def test_the_flow_times_the_kernel_at_the_loops_batch_sizes(written, tmp_path):
     assert set(kernel["per_batch"]) == {"1", "3"} and kernel["captures_while_timing"] == 0
     assert kernel["prepared_graphs"] >= 2 and kernel["device"] == "cpu"
     assert result["summary"]["loop_actions_per_s"] == pytest.approx(0.7) and result["summary"]["ratio"] > 0
+
+
+@pytest.mark.sim
+def test_the_engine_sweep_reports_each_configuration_beside_the_kernel(written, tmp_path):
+    """benchmarks/bench_engine_sweep.py on the tiny snapshot and real LIBERO workers: each configuration's timed part
+    has its actions, the policy's busy share, the workers' step timings (every executed step timed, renders inside
+    the step), the host's CPU share and the workers' memory; a model configuration has the kernel at its batch size
+    and their ratio; the simulators-alone configuration runs without the policy."""
+    spec = importlib.util.spec_from_file_location("bench_engine_sweep", REPO / "benchmarks" / "bench_engine_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    _, folder, _, _ = written
+    out = tmp_path / "sweep"
+    assert sweep.main(["--tiny", "--snapshot", str(folder), "--out", str(out), "--configs", "2x2", "2xsim",
+                       "--tasks", "1", "--steps", "4", "--kernel-rounds", "1"]) == 0
+    record = json.loads((out / "bench_engine_sweep.json").read_text())
+    assert record["arenas"] is True and set(record["kernel"]["per_batch"]) == {"1"}
+    model, alone = record["configs"]
+    for config in (model, alone):
+        timing = config["step_timing"]
+        assert config["actions"] > 0 and timing["steps_timed"] >= config["actions"]
+        assert 0 < timing["render_ms"] < timing["sim_ms"] and timing["group_span_ms"] > 0
+        assert 0 < config["host_cpu_busy"] <= 1 and config["memory"]["worker_rss_gib_mean"] > 0.1
+    assert model["groups"] == 2 and model["busy"] > 0 and model["ratio"] == pytest.approx(
+        model["actions_per_s"] / record["kernel"]["per_batch"]["1"]["actions_per_s"])
+    assert alone["groups"] == "sim" and alone["busy"] < model["busy"]

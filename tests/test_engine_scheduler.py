@@ -284,7 +284,8 @@ class TimedEnv(ChaoticEnv):
 def test_step_timings_add_up_per_step_and_per_group():
     """Every step answer's worker timing is counted once: the mean worker time is the mean of the slots' own times
     weighted by their steps, renders and transforms likewise; each lockstep batch whose steps all came back gives
-    one group span, which starts when its actions left and so lies within the run's wall time."""
+    one group span, which starts when its actions left and so lies within the run's wall time (two groups' spans
+    overlap, so together they stay under twice the wall time)."""
     protocol = reference_protocol("libero_spatial", episodes=10, max_steps=MAX_STEPS)
     env = TimedEnv(4)
     pool = TaskAwarePool(env, 4)
@@ -297,7 +298,7 @@ def test_step_timings_add_up_per_step_and_per_group():
     assert timing["sim_ms"] == round(1000 * sum(0.010 * (s + 1) for s in stepped) / len(stepped), 2)
     assert timing["render_ms"] == 4.0 and timing["transform_ms"] == 1.0
     assert stats.spans == sum(stats.batches.values())
-    assert 0 <= stats.span_s <= stats.wall_s and stats.lag_s >= 0
+    assert 0 < stats.span_s <= 2 * stats.wall_s and stats.lag_s >= 0  # the two groups' spans overlap in time
     assert timing["policy_ms_per_batch"] == round(1000 * stats.policy_s / stats.spans, 2)
     assert stats.as_dict()["step_timing"] == timing
 

@@ -240,7 +240,7 @@ def time_kernel(policy, instructions: list[str], batches: list[int], rounds: int
     import numpy as np
 
     from vla_bench.openvla.fast_generator import batch_bucket
-    from vla_bench.openvla.image import FrameChain
+    from vla_bench.openvla.frames import FrameChain
 
     rng = np.random.default_rng(0)
     size = policy.base.model.arch.image_size

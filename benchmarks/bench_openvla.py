@@ -173,7 +173,7 @@ def test_eager_batched(benchmark, model, batch):
 def test_policy_end_to_end_latency(model):
     """One LIBERO step as the rollout sees it: 256x256 render -> flip, JPEG, lanczos 224, crop -> prompt -> fast
     decode -> actions. Reported, not benchmarked against anything (the image chain runs on the CPU)."""
-    from vla_bench.openvla import image
+    from vla_bench.openvla import frames, image
 
     fast = FastGenerator(model)
     frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
@@ -181,7 +181,7 @@ def test_policy_end_to_end_latency(model):
     times = []
     for _ in range(12):
         t0 = time.perf_counter()
-        x = image.to_pixel_values([image.reference_chain(frame, flip=True, crop=True)], model.arch.timm_model_ids)
+        x = image.to_pixel_values([frames.reference_chain(frame, flip=True, crop=True)], model.arch.timm_model_ids)
         fast.generate(x.cuda(), prompts)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -24,6 +24,7 @@ from vla_bench.finetune.config import TrainConfig
 from vla_bench.finetune.examples import Examples, make_batch
 from vla_bench.finetune.model import ActionModel, build_model
 from vla_bench.openvla import action_tokenizer, checkpoint, image, tiny
+from vla_bench.openvla.frames import center_crop
 from vla_bench.openvla.normalization import action_stats
 from vla_bench.openvla.prompt import build_prompt
 
@@ -91,7 +92,7 @@ def _losses(out: Path) -> dict[int, float]:
 
 # ---- pieces -------------------------------------------------------------------------------------------------------
 def test_augmentation_crop_is_tf_crop_and_resize_and_neutral_params_change_nothing():
-    """The random crop at the centred offset equals the evaluation center crop (image.center_crop, TensorFlow's
+    """The random crop at the centred offset equals the evaluation center crop (openvla/frames.py center_crop, TensorFlow's
     crop_and_resize arithmetic) to the uint8 level; zero brightness/hue and unit contrast/saturation are the
     identity; parameters depend only on the generator's seed and stay in the published ranges."""
     rng = np.random.default_rng(1)
@@ -101,7 +102,7 @@ def test_augmentation_crop_is_tf_crop_and_resize_and_neutral_params_change_nothi
     centred = torch.tensor([[(1 - side) / 2, (1 - side) / 2, 0.0, 1.0, 1.0, 0.0]] * 2, dtype=torch.float64)
     ours = augment.to_uint8_levels(augment.apply(x, centred)).permute(0, 2, 3, 1).numpy()
     for i in range(2):
-        diff = np.abs(ours[i].astype(int) - image.center_crop(frames[i]).astype(int))
+        diff = np.abs(ours[i].astype(int) - center_crop(frames[i]).astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     no_crop = augment.AugmentConfig(crop_area=1.0)
     neutral = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 0.0]] * 2, dtype=torch.float64)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from vla_bench.data import jpeg
 from vla_bench.data.rlds import FeatureSpec, _decode_image
-from vla_bench.openvla import image
+from vla_bench.openvla import frames
 
 FIXTURES = Path(__file__).parent / "data" / "tf_image_chain.npz"
 #: the target: within one level of TensorFlow on at least 99.9% of values
@@ -41,7 +41,7 @@ def level_differences(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
 def test_libero_evaluation_chain_matches_tensorflow(tf_out, crop, key):
     """Flip, JPEG round trip, lanczos3 resize (and the centre crop) of real LIBERO frames land within one level of
     TensorFlow's output on at least 99.9% of values, and never further than one level."""
-    ours = np.stack([image.reference_chain(f, flip=True, crop=crop) for f in tf_out["libero_frames"]])
+    ours = np.stack([frames.reference_chain(f, flip=True, crop=crop) for f in tf_out["libero_frames"]])
     diff = level_differences(ours, tf_out[key])
     assert (diff <= 1).mean() >= WITHIN_ONE_LEVEL
     assert diff.max() <= 1
@@ -51,8 +51,8 @@ def test_accurate_idct_decode_misses_the_target(tf_out):
     """The yardstick can fail: the same chain decoding with PIL's accurate IDCT (the chain before this fix) is
     further than one level from TensorFlow on far more than 0.1% of LIBERO values."""
     def pil_chain(frame):
-        decoded = Image.open(io.BytesIO(jpeg.encode(image.flip_180(frame)))).convert("RGB")
-        return image.resize(np.asarray(decoded))
+        decoded = Image.open(io.BytesIO(jpeg.encode(frames.flip_180(frame)))).convert("RGB")
+        return frames.resize(np.asarray(decoded))
 
     ours = np.stack([pil_chain(f) for f in tf_out["libero_frames"]])
     diff = level_differences(ours, tf_out["libero_resized"])
@@ -70,10 +70,10 @@ def test_bridge_jpeg_decode_equals_tensorflows(tf_out):
 def test_bridge_chain_matches_tensorflow(tf_out, crop, key):
     """Bridge frames decoded, resized to 224 (and centre-cropped) land within one level of TensorFlow on at least
     99.9% of values."""
-    frames = image.resize(np.stack([jpeg.decode(b) for b in bridge_blobs(tf_out)]))
+    ours = frames.resize(np.stack([jpeg.decode(b) for b in bridge_blobs(tf_out)]))
     if crop:
-        frames = np.stack([image.center_crop(f) for f in frames])
-    diff = level_differences(frames, tf_out[key])
+        ours = np.stack([frames.center_crop(f) for f in ours])
+    diff = level_differences(ours, tf_out[key])
     assert (diff <= 1).mean() >= WITHIN_ONE_LEVEL
     assert diff.max() <= 1
 

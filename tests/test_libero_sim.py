@@ -30,7 +30,7 @@ def test_workers_prepare_the_policy_frame_in_parallel_and_it_equals_the_main_pro
     """An observation_transform (OpenVLA's frame chain) runs inside each env worker - after the simulator, with
     torch imported there - and the frame it sends equals the chain run on the raw frame in this process; a policy
     with other chain settings does not take it."""
-    from vla_bench.openvla.image import FrameChain, reference_chain
+    from vla_bench.openvla.frames import FrameChain, reference_chain
 
     chain = FrameChain("agentview_image", flip=True, crop=True)
     protocol = reference_protocol("libero_spatial")
@@ -50,7 +50,7 @@ def test_frames_through_shared_memory_equal_frames_through_the_pipes():
     """The pool's arenas (engine/arena.py) change how an answer travels, not what it says: a reset and two steps
     give equal observations, every array with its dtype and shape, with and without them; and the frames are the
     main process's own copies (the next step does not change them)."""
-    from vla_bench.openvla.image import FrameChain
+    from vla_bench.openvla.frames import FrameChain
 
     chain = FrameChain("agentview_image", flip=True, crop=True)
     protocol = reference_protocol("libero_spatial")

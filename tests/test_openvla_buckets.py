@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from vla_bench.openvla import checkpoint, image, tiny
 from vla_bench.openvla.fast_generator import BATCH_BUCKETS, FastGenerator, batch_bucket, batch_buckets_upto
-from vla_bench.openvla.image import FrameChain
+from vla_bench.openvla.frames import FrameChain
 from vla_bench.openvla.lora import BaseModel
 from vla_bench.openvla.policy import OpenVLAPolicy
 from vla_bench.openvla.prompt import build_prompt

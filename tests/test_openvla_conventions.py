@@ -5,6 +5,10 @@ Each test's docstring states the invariant it checks as a plain sentence.
 from __future__ import annotations
 
 import math
+import pickle
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -16,7 +20,7 @@ from PIL import Image
 from vla_bench.errors import VlaBenchError
 from vla_bench.openvla import action_tokenizer as at
 from vla_bench import gripper
-from vla_bench.openvla import image, normalization, prompt
+from vla_bench.openvla import frames, image, normalization, prompt
 
 LLAMA_VOCAB = 32000
 HALF_BIN = 1.0 / 255.0
@@ -148,8 +152,8 @@ images = hnp.arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40), 
 @given(images)
 def test_flip_twice_is_identity(img):
     """Rotating a frame by 180 degrees twice gives the frame back, and once moves pixel (0, 0) to (H-1, W-1)."""
-    once = image.flip_180(img)
-    assert np.array_equal(image.flip_180(once), img)
+    once = frames.flip_180(img)
+    assert np.array_equal(frames.flip_180(once), img)
     assert np.array_equal(once[-1, -1], img[0, 0])
 
 
@@ -160,9 +164,9 @@ def test_resize_shape_dtype_range_for_any_size(h, w, level, seed):
     (the lanczos weights of every output pixel sum to one)."""
     rng = np.random.default_rng(seed)
     noisy = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    out = image.resize(noisy)
+    out = frames.resize(noisy)
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-    flat = image.resize(np.full((h, w, 3), level, np.uint8))
+    flat = frames.resize(np.full((h, w, 3), level, np.uint8))
     assert np.all(flat == level)
 
 
@@ -174,11 +178,11 @@ def test_jpeg_round_trip_error_is_bounded_on_smooth_frames(h, w, seed):
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
     img = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
-    out = image.jpeg_roundtrip(img)
+    out = frames.jpeg_roundtrip(img)
     assert out.shape == img.shape and out.dtype == np.uint8
     assert np.abs(out.astype(int) - img).mean() < 4.0
     flat = np.broadcast_to(small[0, 0], (h, w, 3)).copy()
-    assert np.abs(image.jpeg_roundtrip(flat).astype(int) - flat).max() <= 2
+    assert np.abs(frames.jpeg_roundtrip(flat).astype(int) - flat).max() <= 2
 
 
 @settings(max_examples=30, deadline=None)
@@ -186,7 +190,7 @@ def test_jpeg_round_trip_error_is_bounded_on_smooth_frames(h, w, seed):
 def test_center_crop_keeps_size_and_constant_frames(level):
     """The 90%-area center crop returns a frame of the same size, and a constant frame keeps its exact level
     through TF's uint8 -> float -> uint8 (x 255.5, truncate) conversions."""
-    out = image.center_crop(np.full((224, 224, 3), level, np.uint8))
+    out = frames.center_crop(np.full((224, 224, 3), level, np.uint8))
     assert out.shape == (224, 224, 3) and np.all(out == level)
 
 
@@ -194,10 +198,26 @@ def test_center_crop_samples_the_central_box():
     """The crop's corners sample the box edges at (1 - sqrt(0.9)) / 2 of the side: a horizontal ramp 0..223 maps
     to a ramp from about 5.7 to 217.3."""
     ramp = np.broadcast_to(np.arange(224, dtype=np.uint8)[None, :, None], (224, 224, 3)).copy()
-    out = image.center_crop(ramp)[0, :, 0].astype(float)
+    out = frames.center_crop(ramp)[0, :, 0].astype(float)
     off = (1 - math.sqrt(0.9)) / 2 * 223
     assert abs(out[0] - off) <= 1 and abs(out[-1] - (223 - off)) <= 1
     assert np.all(np.diff(out) >= 0)
+
+
+def test_the_frame_chain_runs_without_torch():
+    """A process that receives an OpenVLA frame chain (as every simulator worker does) and prepares a frame with it
+    never imports torch: torch would cost each worker ~0.27 GB of private memory (benchmarks/bench_worker_memory.py)."""
+    code = textwrap.dedent("""
+        import pickle, sys
+        import numpy as np
+        chain = pickle.loads(CHAIN)
+        obs = chain({"agentview_image": np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)})
+        assert chain.frame(obs).shape == (224, 224, 3)
+        assert "torch" not in sys.modules, "torch was imported"
+        print("OK")
+    """).replace("CHAIN", repr(pickle.dumps(frames.FrameChain("agentview_image", flip=True, crop=True))))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
 def _tf_lanczos3_reference(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -232,10 +252,10 @@ def test_resize_matches_the_tensorflow_reference(size):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
     ref = _tf_lanczos3_reference(img, 224, 224)
-    got = image.resize_float(img)
+    got = frames.resize_float(img)
     assert np.abs(got - ref).max() < 0.02
     ref_u8 = np.clip(np.round(ref), 0, 255).astype(np.int64)
-    diff = np.abs(image.resize(img).astype(np.int64) - ref_u8)
+    diff = np.abs(frames.resize(img).astype(np.int64) - ref_u8)
     assert diff.max() <= 1 and diff.mean() < 0.002
 
 

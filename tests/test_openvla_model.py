@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vla_bench.errors import VlaBenchError
-from vla_bench.openvla import checkpoint, image, tiny
+from vla_bench.openvla import checkpoint, frames, image, tiny
 from vla_bench.openvla.lora import BaseModel
 from vla_bench.openvla.fast_generator import FastGenerator
 from vla_bench.openvla.model import _patch_features
@@ -221,7 +221,7 @@ def test_policy_runs_the_libero_chain(snapshot):
     assert np.all(a[:, :6] >= np.array(stats["q01"][:6]) - 1e-9) and np.all(a[:, :6] <= np.array(stats["q99"][:6]))
     assert set(a[:, 6].tolist()) <= {-1.0, 1.0}
     # the frame the model saw is the flipped, JPEG'd, resized, cropped render
-    expected = image.center_crop(image.resize(image.jpeg_roundtrip(image.flip_180(obs[0]["agentview_image"]))))
+    expected = frames.center_crop(frames.resize(frames.jpeg_roundtrip(frames.flip_180(obs[0]["agentview_image"]))))
     assert np.array_equal(out.frames[0], expected)
     assert np.array_equal(policy.act(obs, INSTRUCTIONS[:3], [0, 1, 2]), a)
 

@@ -9,7 +9,7 @@ Rows are padded to the batch's longest, or to `pad_to` when it is set (a capture
 for every batch; the extra pads change nothing for the real tokens, by the same causality).
 
 Images: frames come at the model's size after the training-side chain (flip where the data needs it, JPEG, lanczos
-resize: image.reference_chain with crop=False). The optional augmentation (augment.py) runs on the batch's device,
+resize: frames.reference_chain with crop=False). The optional augmentation (augment.py) runs on the batch's device,
 then each backbone's mean/std (image.backbone_norms, the one home of those numbers) makes the stacked pixel values.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ class Examples:
 
 def _prepare_range(data, start: int, stop: int, path: str, shape: tuple, size: int) -> None:
     """Worker: frames [start, stop) of `data` through the training-side image chain into the memmap at `path`."""
-    from ..openvla.image import reference_chain
+    from ..openvla.frames import reference_chain
 
     # one thread per worker: the resize is a torch einsum, and torch's default of one thread per core in each of
     # N workers oversubscribes the CPU N-fold (measured on a 16-core GPU host: 40 frames/s in all, ~5 ms per frame

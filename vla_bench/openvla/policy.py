@@ -3,8 +3,8 @@
 Per suite, its record (vla_bench/suites.py) says which observation key holds the frame, whether it needs LIBERO's
 180-degree rotation and OpenVLA's center crop, which gripper convention the actions go out in, and the default
 norm-stats keys. The chain per step is the
-reference's: image chain (image.py, run by the env workers) -> uint8 frames to the model's device, normalized there
-(image.pixel_values_on) -> prompt (prompt.py) -> greedy 7 tokens (fast_generator.py) -> bin centres
+reference's: frame chain (frames.py, run by the env workers) -> uint8 frames to the model's device, normalized
+there (image.pixel_values_on) -> prompt (prompt.py) -> greedy 7 tokens (fast_generator.py) -> bin centres
 (action_tokenizer.py) -> unnormalize (normalization.py) -> gripper (vla_bench/gripper.py).
 
 `prepare(max_batch)` builds the generator's graphs for every batch and prompt bucket a run can use, before its
@@ -22,7 +22,7 @@ from ..errors import VlaBenchError, choices
 from ..policies.capabilities import Capabilities
 from ..policies.repeat import ActionRepeater
 from ..suites import Suite, get_suite
-from . import action_tokenizer, image, normalization
+from . import action_tokenizer, frames, image, normalization
 from .prompt import build_prompt
 
 
@@ -70,7 +70,7 @@ class OpenVLAPolicy:
         self.repeater = ActionRepeater(action_repeat)  # the execution rule of a subsampled fine-tune (k = 1: none)
         self.action_repeat = self.repeater.action_repeat
         # env workers run the image chain on their own frames, in parallel (policies/base.py)
-        self.observation_transform = image.FrameChain(self.suite.image_key, self.suite.flip,
+        self.observation_transform = frames.FrameChain(self.suite.image_key, self.suite.flip,
                                                       self.center_crop, base.model.arch.image_size)
         self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self.capabilities = Capabilities(images=True, frame_transform=self.observation_transform,

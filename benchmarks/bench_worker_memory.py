@@ -1,6 +1,9 @@
 """What one simulator worker holds: a LIBERO env with one 256x256 camera, reset and stepped, preparing OpenVLA's
-frames (openvla/frames.py, NumPy) against the same worker with torch imported for the frame transform, as the chain
-was before it left torch (the baseline, measured in the same run).
+frames. Measured in the same run:
+  now                    frames in NumPy (openvla/frames.py), the scene loaded from its compiled file
+                         (envs/compiled_scenes.py; the cache is filled before the timed part)
+  compiling-scenes       the same, every worker compiling the scene XML (VLA_BENCH_SCENE_CACHE=off)
+  compiling-and-torch    and torch imported for the frame transform: the worker before both changes
 
     MUJOCO_GL=egl .venv/bin/python -m pytest benchmarks/bench_worker_memory.py --benchmark-only \
         --benchmark-group-by=group
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 
 from vla_bench.engine.pool import EnvSpec, WorkerPool
+from vla_bench.envs import compiled_scenes
 from vla_bench.openvla.frames import FrameChain
 from vla_bench.protocol import reference_protocol
 
@@ -62,11 +66,16 @@ def run_workers(chain: FrameChain) -> dict:
             "worker_resident_mib": round(float(np.mean([m[1] for m in memory])))}
 
 
-@pytest.mark.parametrize("chain", [FrameChain("agentview_image", flip=True, crop=True),
-                                   FrameChainWithTorch("agentview_image", flip=True, crop=True)],
-                         ids=["numpy-chain", "torch-in-worker-baseline"])
-def test_worker_memory(benchmark, chain):
+@pytest.mark.parametrize("chain,scene_cache", [
+    (FrameChain("agentview_image", flip=True, crop=True), True),
+    (FrameChain("agentview_image", flip=True, crop=True), False),
+    (FrameChainWithTorch("agentview_image", flip=True, crop=True), False),
+], ids=["now", "compiling-scenes", "compiling-and-torch"])
+def test_worker_memory(benchmark, chain, scene_cache, tmp_path, monkeypatch):
     benchmark.group = "simulator worker memory"
+    monkeypatch.setenv(compiled_scenes.ENV_VAR, str(tmp_path / "scenes") if scene_cache else "off")  # workers inherit it
+    if scene_cache:
+        run_workers(chain)  # fills the cache: the timed run measures workers that load the compiled scene
     result = benchmark.pedantic(run_workers, args=(chain,), rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     print(type(chain).__name__, result)

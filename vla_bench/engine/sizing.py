@@ -1,17 +1,20 @@
 """How many simulator workers a host can hold: its cores, and its memory.
 
-A LIBERO worker holds its own MuJoCo model (~590 MB compiled, of which the scene textures are ~180 MB), robosuite
-and, with a camera, a GL context and its uploaded scene (~520 MB with llvmpipe): measured 1.25 GB unique and 1.45 GB
-resident per worker with one 256x256 camera preparing OpenVLA frames (llvmpipe; Python 3.11, mujoco 2.3.7;
-benchmarks/bench_worker_memory.py), 1.9 GB resident on the GPU host while the frame chain still imported torch. A default that counts only cores can ask for more than the host has: a 128 GiB GPU host
-stopped answering while starting 96 workers beside a 7B model (2026-12-04; 96 x 1.9 GB is more than it has), 48
-ran. So automatic worker counts are also capped by the memory available when the pool is sized.
+A LIBERO worker holds its own MuJoCo model (250 MB, of which the scene textures are ~180 MB; loaded from the
+compiled-scene cache, envs/compiled_scenes.py), robosuite and, with a camera, a GL context and its uploaded scene
+(~520 MB with llvmpipe): measured 952 MiB unique and 1,138 MiB resident per worker with one 256x256 camera
+preparing OpenVLA frames (llvmpipe; Python 3.11, mujoco 2.3.7; benchmarks/bench_worker_memory.py). On the GPU host
+a worker took 1.9 GB resident while it still compiled its scene and imported torch for its frames (1.9 GB here).
+
+A default that counts only cores can ask for more than the host has: a 128 GiB GPU host stopped answering while
+starting 96 workers beside a 7B model (2026-12-04; 96 x 1.9 GB is more than it has), 48 ran. So automatic worker
+counts are also capped by the memory available when the pool is sized.
 """
 from __future__ import annotations
 
 
-#: planning figure per simulator worker (measured 1.9 GB resident on the GPU host with torch in the worker, rounded
-#: up; kept until the torch-free worker is measured there)
+#: planning figure per simulator worker (measured 1.9 GB resident on the GPU host, rounded up; kept until the
+#: smaller worker is measured there)
 WORKER_MEMORY_BYTES = 2 * 2**30
 #: share of the available memory the workers may plan on (the model process and the page cache need the rest)
 MEMORY_SHARE = 0.8

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from ..protocol import WAIT_ACTION, Protocol
-from . import rendering
+from . import compiled_scenes, rendering
 from .fingerprint import SceneCheck, scene_check
 from .tasks import init_states, suite_tasks
 
@@ -43,7 +43,8 @@ class LiberoTaskEnv:
         if cameras:
             kwargs.update(camera_names=list(cameras), camera_heights=protocol.camera_size,
                           camera_widths=protocol.camera_size)
-        self.env = ControlEnv(**kwargs)
+        with compiled_scenes.loading_compiled_scenes():  # 0.4 s and 250 MB instead of 2.6 s and 590 MB a build
+            self.env = ControlEnv(**kwargs)
         self.env.seed(protocol.env_seed)
         self._fixture_homes: list | None = None  # (body id, pos, quat) of each fixture in the model file
         #: the verdict on the last evaluation reset's settled scene against the reference stack's fingerprint

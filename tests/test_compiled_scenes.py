@@ -2,7 +2,6 @@
 and renders exactly what a worker that compiled the XML does, and the cache stays correct and bounded."""
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -69,21 +68,18 @@ def test_the_key_changes_with_the_xml_and_with_an_asset_file(tmp_path):
     assert compiled_scenes.scene_key(xml) != key
 
 
-def load_in_process(xml: str, cache: str, out) -> None:
-    os.environ[compiled_scenes.ENV_VAR] = cache
-    out.put(compiled_scenes.load(xml).nbody)
-
-
 def test_workers_that_need_one_scene_at_once_share_one_whole_file(cache):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=load_in_process, args=(SMALL_SCENE, str(cache), out)) for _ in range(4)]
-    for proc in procs:
-        proc.start()
-    answers = [out.get(timeout=120) for _ in procs]
-    for proc in procs:
-        proc.join(30)
-    assert answers == [2] * 4  # the world and the ball and all(proc.exitcode == 0 for proc in procs)
+    """Four processes loading one new scene at once all get the model, and the cache ends with one whole file."""
+    code = ("import sys; from vla_bench.envs import compiled_scenes; "
+            "print(compiled_scenes.load(sys.stdin.read()).nbody)")
+    env = dict(os.environ, **{compiled_scenes.ENV_VAR: str(cache)})
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for _ in range(4)]
+    for proc in procs:  # every process is started before any is given its scene
+        proc.stdin.write(SMALL_SCENE)
+        proc.stdin.close()
+    results = [(proc.wait(120), proc.stdout.read().strip(), proc.stderr.read()) for proc in procs]
+    assert all(rc == 0 and out == "2" for rc, out, _ in results), results  # the world and the ball
     assert len(list(cache.glob("*.mjb"))) == 1 and not list(cache.glob("*.partial"))
 
 

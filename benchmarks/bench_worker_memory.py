@@ -1,9 +1,11 @@
 """What one simulator worker holds: a LIBERO env with one 256x256 camera, reset and stepped, preparing OpenVLA's
-frames. Measured in the same run:
+frames. Measured in the same run, each row without one more of the changes that made workers smaller:
   now                    frames in NumPy (openvla/frames.py), the scene loaded from its compiled file
-                         (envs/compiled_scenes.py; the cache is filled before the timed part)
-  compiling-scenes       the same, every worker compiling the scene XML (VLA_BENCH_SCENE_CACHE=off)
-  compiling-and-torch    and torch imported for the frame transform: the worker before both changes
+                         (envs/compiled_scenes.py; the cache is filled before the timed part), the model's texture
+                         data given back once the renderer has it (envs/texture_memory.py)
+  keeping-textures       the same with the textures kept (VLA_BENCH_KEEP_TEXTURES=1)
+  compiling-scenes       and every worker compiling the scene XML (VLA_BENCH_SCENE_CACHE=off)
+  compiling-and-torch    and torch imported for the frame transform: the worker before all three
 
     MUJOCO_GL=egl .venv/bin/python -m pytest benchmarks/bench_worker_memory.py --benchmark-only \
         --benchmark-group-by=group
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 from vla_bench.engine.pool import EnvSpec, WorkerPool
-from vla_bench.envs import compiled_scenes
+from vla_bench.envs import compiled_scenes, texture_memory
 from vla_bench.openvla.frames import FrameChain
 from vla_bench.protocol import reference_protocol
 
@@ -66,14 +68,20 @@ def run_workers(chain: FrameChain) -> dict:
             "worker_resident_mib": round(float(np.mean([m[1] for m in memory])))}
 
 
-@pytest.mark.parametrize("chain,scene_cache", [
-    (FrameChain("agentview_image", flip=True, crop=True), True),
-    (FrameChain("agentview_image", flip=True, crop=True), False),
-    (FrameChainWithTorch("agentview_image", flip=True, crop=True), False),
-], ids=["now", "compiling-scenes", "compiling-and-torch"])
-def test_worker_memory(benchmark, chain, scene_cache, tmp_path, monkeypatch):
+NUMPY_CHAIN = FrameChain("agentview_image", flip=True, crop=True)
+
+
+@pytest.mark.parametrize("chain,scene_cache,release_textures", [
+    (NUMPY_CHAIN, True, True),
+    (NUMPY_CHAIN, True, False),
+    (NUMPY_CHAIN, False, False),
+    (FrameChainWithTorch("agentview_image", flip=True, crop=True), False, False),
+], ids=["now", "keeping-textures", "compiling-scenes", "compiling-and-torch"])
+def test_worker_memory(benchmark, chain, scene_cache, release_textures, tmp_path, monkeypatch):
     benchmark.group = "simulator worker memory"
-    monkeypatch.setenv(compiled_scenes.ENV_VAR, str(tmp_path / "scenes") if scene_cache else "off")  # workers inherit it
+    # the workers inherit the environment
+    monkeypatch.setenv(compiled_scenes.ENV_VAR, str(tmp_path / "scenes") if scene_cache else "off")
+    monkeypatch.setenv(texture_memory.ENV_VAR, "0" if release_textures else "1")
     if scene_cache:
         run_workers(chain)  # fills the cache: the timed run measures workers that load the compiled scene
     result = benchmark.pedantic(run_workers, args=(chain,), rounds=1, iterations=1)

@@ -1,10 +1,11 @@
 """How many simulator workers a host can hold: its cores, and its memory.
 
-A LIBERO worker holds its own MuJoCo model (250 MB, of which the scene textures are ~180 MB; loaded from the
-compiled-scene cache, envs/compiled_scenes.py), robosuite and, with a camera, a GL context and its uploaded scene
-(~520 MB with llvmpipe): measured 952 MiB unique and 1,138 MiB resident per worker with one 256x256 camera
-preparing OpenVLA frames (llvmpipe; Python 3.11, mujoco 2.3.7; benchmarks/bench_worker_memory.py). On the GPU host
-a worker took 1.9 GB resident while it still compiled its scene and imported torch for its frames (1.9 GB here).
+A LIBERO worker holds its own MuJoCo model (250 MB, loaded from the compiled-scene cache, envs/compiled_scenes.py;
+its ~180 MB of texture data given back once rendered, envs/texture_memory.py), robosuite and, with a camera, a GL
+context and its uploaded scene (~520 MB with llvmpipe): measured 767 MiB unique and 963 MiB resident per worker
+with one 256x256 camera preparing OpenVLA frames (llvmpipe; Python 3.11, mujoco 2.3.7;
+benchmarks/bench_worker_memory.py). On the GPU host a worker took 1.9 GB resident while it still compiled its
+scene, kept its textures and imported torch for its frames (1.9 GB here too).
 
 A default that counts only cores can ask for more than the host has: a 128 GiB GPU host stopped answering while
 starting 96 workers beside a 7B model (2026-12-04; 96 x 1.9 GB is more than it has), 48 ran. So automatic worker

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from ..protocol import WAIT_ACTION, Protocol
-from . import compiled_scenes, rendering
+from . import compiled_scenes, rendering, texture_memory
 from .fingerprint import SceneCheck, scene_check
 from .tasks import init_states, suite_tasks
 
@@ -46,6 +46,9 @@ class LiberoTaskEnv:
         with compiled_scenes.loading_compiled_scenes():  # 0.4 s and 250 MB instead of 2.6 s and 590 MB a build
             self.env = ControlEnv(**kwargs)
         self.env.seed(protocol.env_seed)
+        # the render context (made in the constructor) holds the textures in GL now: the model's ~200 MB copy goes
+        self._render_context = self.env.sim._render_context_offscreen
+        texture_memory.release(self.env.sim.model._model)
         self._fixture_homes: list | None = None  # (body id, pos, quat) of each fixture in the model file
         #: the verdict on the last evaluation reset's settled scene against the reference stack's fingerprint
         self.scene_check: SceneCheck | None = None
@@ -57,6 +60,7 @@ class LiberoTaskEnv:
         if not 0 <= init_index < len(self.init_states):
             raise IndexError(f"{self.task.suite} {self.task.task_id} has {len(self.init_states)} init states, "
                              f"asked for {init_index}")
+        self._check_render_context()
         self._reset_scene(seed)
         obs = self._wait(self.env.set_init_state(self.init_states[init_index]))
         # a few body poses against the shipped fingerprint, no extra simulation: every episode carries its verdict
@@ -66,6 +70,7 @@ class LiberoTaskEnv:
     def reset_random(self, seed: int) -> tuple[dict, np.ndarray]:
         """Start from LIBERO's own random placement (for demonstrations, never the evaluation init states);
         returns the observation after the wait steps and the flattened sim state right after the reset."""
+        self._check_render_context()
         obs = self._reset_scene(seed)
         return self._wait(obs), np.asarray(self.env.get_sim_state(), dtype=np.float64).copy()
 
@@ -116,9 +121,18 @@ class LiberoTaskEnv:
         return self._observe(obs)
 
     def step(self, action: np.ndarray) -> tuple[dict, bool]:
+        self._check_render_context()
         self._time_renders()
         obs, _reward, done, _info = self.env.step(np.asarray(action, dtype=np.float64).tolist())
         return self._observe(obs), bool(done)
+
+    def _check_render_context(self) -> None:
+        """The model's textures were released after the env's render context took them (envs/texture_memory.py);
+        a context made since would have uploaded zeros."""
+        if self.env.sim._render_context_offscreen is not self._render_context:
+            raise RuntimeError(f"{self.task.suite} task {self.task_index}: robosuite made a new render context after "
+                               f"the scene's textures were released, so its camera frames would be wrong; set "
+                               f"{texture_memory.ENV_VAR}=1 to keep the textures")
 
     def _time_renders(self) -> None:
         """Count the time of robosuite's camera renders into render_s (wrapped once per simulator object; robosuite

@@ -44,6 +44,16 @@ def test_a_scene_is_compiled_once_into_the_cache_and_then_loaded(cache, monkeypa
     assert same_model(compiled_scenes.load(SMALL_SCENE), first)
 
 
+def test_a_damaged_file_is_made_again(cache):
+    """A cache file MuJoCo cannot read (cut short, overwritten) is replaced by a whole one and the model comes back
+    right."""
+    cache.mkdir(parents=True)
+    path = cache / f"{compiled_scenes.scene_key(SMALL_SCENE)}.mjb"
+    path.write_bytes(b"not a model")
+    assert same_model(compiled_scenes.load(SMALL_SCENE), mujoco.MjModel.from_xml_string(SMALL_SCENE))
+    assert same_model(mujoco.MjModel.from_binary_path(str(path)), mujoco.MjModel.from_xml_string(SMALL_SCENE))
+
+
 def test_without_a_usable_cache_the_scene_is_compiled_in_the_process(tmp_path, monkeypatch):
     """An unwritable cache (here a file where the folder should be) and a cache turned off both still give the
     compiled model; a bad XML raises MuJoCo's own error, naming what is wrong."""

@@ -79,14 +79,19 @@ def load(xml: str) -> mujoco.MjModel:
     if directory is None:
         return mujoco.MjModel.from_xml_string(xml)
     path = directory / f"{scene_key(xml)}.mjb"
-    for _ in range(2):  # a second try where another process evicted the file between its compile and this load
+    for _ in range(2):  # a second try after a damaged file, or one evicted between its compile and this load
         try:
             if not path.exists():
                 _compile_into(path, xml)
             model = mujoco.MjModel.from_binary_path(str(path))
-        except (OSError, subprocess.SubprocessError, ValueError):  # an unwritable cache, a bad XML, a lost file
+        except ValueError:  # MuJoCo could not read the file: it is made again on the next try
+            with contextlib.suppress(OSError):
+                path.unlink()
             continue
-        os.utime(path)  # recently used: the last to be evicted
+        except (OSError, subprocess.SubprocessError):  # an unwritable cache, or an XML that does not compile
+            break
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: the last to be evicted
         return model
     return mujoco.MjModel.from_xml_string(xml)  # compiled here: a bad XML raises MuJoCo's own error
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import mujoco
 
 ENV_VAR = "VLA_BENCH_SCENE_CACHE"
-#: the cache's size bound: 15 LIBERO scenes, a whole suite of 10 tasks with room to spare
+#: the cache's size bound: ~15 LIBERO scenes (LIBERO-Spatial's 10 tasks are one scene; the tests use 5)
 CACHE_BYTES = 4 * 2**30
 _ASSET_FILE = re.compile(r'\bfile="([^"]+)"')
 #: what the child process runs: the XML on stdin, compiled in the caller's directory (relative asset paths resolve

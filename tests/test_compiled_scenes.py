@@ -35,6 +35,7 @@ def test_a_scene_is_compiled_once_into_the_cache_and_then_loaded(cache, monkeypa
     first = compiled_scenes.load(SMALL_SCENE)
     files = list(cache.glob("*.mjb"))
     assert len(files) == 1 and not list(cache.glob("*.partial"))
+    assert files[0].stat().st_mode & 0o044 == 0o044  # readable by the other users of a shared cache folder
     assert same_model(first, mujoco.MjModel.from_xml_string(SMALL_SCENE))
 
     def no_compile(*args, **kwargs):

@@ -107,6 +107,7 @@ def _compile_into(path: Path, xml: str) -> None:
         try:
             subprocess.run([sys.executable, "-c", _COMPILE, partial], input=xml, text=True, check=True,
                            capture_output=True, timeout=600)
+            os.chmod(partial, 0o644)  # mkstemp makes it private; a cache folder may serve several users
             os.replace(partial, path)  # whole or absent: a killed compile leaves no half file under the name
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -1,10 +1,10 @@
 """LIBERO scenes compiled once per machine and kept as MuJoCo binary models (MJB), so that simulator workers load
 them instead of compiling.
 
-Compiling a LIBERO scene's XML costs every worker, for every task it builds: 2.6 s, and 586 MB of private memory of
-which only the 250 MB model stays in use (MuJoCo 2.3.7's compiler keeps the other ~335 MB allocated for the life of
-the process; measured on LIBERO-Spatial's scene, Python 3.11). Loading the same model from its MJB file takes 0.36 s
-and 251 MB. An MJB is MuJoCo's own dump of the compiled model (mj_saveModel), so the loaded model is the compiled
+Compiling a LIBERO scene's XML costs every worker, for every task it builds: 2.5 s, and 582 MiB of private memory
+of which only the 250 MB model stays in use (MuJoCo 2.3.7's compiler keeps the rest allocated for the life of the
+process). Loading the same model from its MJB file takes 0.38 s and 250 MiB (LIBERO-Spatial's scene, Python 3.11,
+same run: benchmarks/bench_scene_load.py). An MJB is MuJoCo's own dump of the compiled model (mj_saveModel), so the loaded model is the compiled
 one, array for array (tests/test_compiled_scenes.py steps real tasks both ways and compares every state).
 
 The compile runs once per scene in a short-lived child process, so no worker ever holds the compiler's leftovers;

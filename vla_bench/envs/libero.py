@@ -43,7 +43,7 @@ class LiberoTaskEnv:
         if cameras:
             kwargs.update(camera_names=list(cameras), camera_heights=protocol.camera_size,
                           camera_widths=protocol.camera_size)
-        with compiled_scenes.loading_compiled_scenes():  # 0.4 s and 250 MB instead of 2.6 s and 590 MB a build
+        with compiled_scenes.loading_compiled_scenes():  # 0.4 s and 250 MiB a build instead of 2.5 s and 582
             self.env = ControlEnv(**kwargs)
         self.env.seed(protocol.env_seed)
         # the render context (made in the constructor) holds the textures in GL now: the model's ~200 MB copy goes

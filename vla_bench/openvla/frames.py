@@ -164,8 +164,8 @@ def reference_chain(image: np.ndarray, flip: bool, crop: bool, size: int = IMAGE
 class FrameChain:
     """reference_chain bound to one policy's settings, as an observation transform that env workers run (see
     policies/capabilities.py, `frame_transform`): each worker prepares its own frame in parallel with the others,
-    instead of the policy's process doing every env's JPEG + lanczos one after another (~3-6 ms per frame, so ~80 ms
-    of every lockstep step with 16 envs). The prepared frame is stored next to the raw one under PREPARED, tagged
+    instead of the policy's process doing every env's JPEG + lanczos one after another (~7-9 ms per frame with the
+    crop, benchmarks/bench_frame_chain.py: over 100 ms of every lockstep step with 16 envs). The prepared frame is stored next to the raw one under PREPARED, tagged
     with the chain that made it, so a policy only uses a frame made by its own settings.
 
     This module imports no torch, so a worker that unpickles a chain stays without it: 268 MiB less private and
